@@ -1,0 +1,649 @@
+//! The conformance suite and the randomized model test that every [`Store`] must pass.
+//!
+//! A backend crate runs the whole suite with one macro call, fed an async function that
+//! makes a fresh, isolated [`Subject`]:
+//!
+//! ```
+//! use idem::testing::{Subject, TimeTravel};
+//! use idem::{ManualClock, MemoryStore};
+//!
+//! async fn memory() -> Subject<MemoryStore> {
+//!     let clock = ManualClock::new();
+//!     Subject::new(MemoryStore::with_clock(clock.clone()), TimeTravel::Manual(clock))
+//! }
+//!
+//! idem::conformance_suite!(memory);
+//! # fn main() {}
+//! ```
+//!
+//! Stores that read the time from their server (Redis, Postgres) use [`TimeTravel::Real`]:
+//! the suite then sleeps, with durations scaled down so that it stays fast.
+
+// The suite is test code: a failed expectation should panic with its message.
+#![allow(clippy::unwrap_used)]
+
+pub mod model;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use crate::{Begin, Fingerprint, Key, RecordState, Scope, ScopedKey, Store, StoreError, Stored};
+
+/// How a subject's time moves forward in tests.
+#[derive(Debug, Clone)]
+pub enum TimeTravel {
+    /// The store reads this clock; advancing it is instant.
+    Manual(crate::ManualClock),
+    /// The store reads a real clock (its own or its server's); advancing sleeps.
+    Real,
+}
+
+impl TimeTravel {
+    /// Lets `by` pass, as the store sees it.
+    pub async fn advance(&self, by: Duration) {
+        match self {
+            Self::Manual(clock) => clock.advance(by),
+            Self::Real => tokio::time::sleep(by + Duration::from_millis(25)).await,
+        }
+    }
+
+    /// The suite's time unit: leases and retentions are small multiples of it.
+    pub fn unit(&self) -> Duration {
+        match self {
+            Self::Manual(_) => Duration::from_secs(10),
+            Self::Real => Duration::from_millis(250),
+        }
+    }
+}
+
+/// A fresh store under test, and the means to move its time.
+#[derive(Debug)]
+pub struct Subject<S> {
+    /// The store, empty and isolated from every other test.
+    pub store: Arc<S>,
+    /// How to let time pass for it.
+    pub time: TimeTravel,
+}
+
+impl<S: Store> Subject<S> {
+    /// Wraps a fresh store.
+    pub fn new(store: S, time: TimeTravel) -> Self {
+        Self {
+            store: Arc::new(store),
+            time,
+        }
+    }
+}
+
+/// `key` in the suite's default scope.
+pub fn scoped(key: &str) -> ScopedKey {
+    scoped_in("conformance", key)
+}
+
+/// `key` in `scope`.
+pub fn scoped_in(scope: &str, key: &str) -> ScopedKey {
+    match Key::new(key) {
+        Ok(key) => ScopedKey::new(Scope::new(scope), key),
+        Err(error) => panic!("test key {key:?} is invalid: {error}"),
+    }
+}
+
+/// A fingerprint from a label.
+pub fn fingerprint(label: &str) -> Fingerprint {
+    Fingerprint::builder()
+        .part("test", label.as_bytes())
+        .finish()
+}
+
+async fn acquire<S: Store>(
+    store: &S,
+    key: &ScopedKey,
+    fp: &Fingerprint,
+    lease: Duration,
+) -> crate::Lease {
+    match store.begin(key, fp, lease).await {
+        Ok(Begin::Acquired(lease)) => lease,
+        other => panic!("begin of {key:?} should acquire, got {other:?}"),
+    }
+}
+
+fn assert_lease_lost<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &str) {
+    match result {
+        Err(StoreError::LeaseLost) => {}
+        other => panic!("{what} should fail with LeaseLost, got {other:?}"),
+    }
+}
+
+fn assert_close(actual: SystemTime, expected: SystemTime, slack: Duration, what: &str) {
+    let gap = actual
+        .duration_since(expected)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        gap <= slack,
+        "{what}: {actual:?} is {gap:?} away from {expected:?}"
+    );
+}
+
+fn slack(time: &TimeTravel) -> Duration {
+    match time {
+        TimeTravel::Manual(_) => Duration::ZERO,
+        // Server clocks and the test's clock differ a little, and calls take time.
+        TimeTravel::Real => Duration::from_millis(200),
+    }
+}
+
+fn now_for(time: &TimeTravel) -> SystemTime {
+    match time {
+        TimeTravel::Manual(clock) => crate::Clock::now(clock),
+        TimeTravel::Real => SystemTime::now(),
+    }
+}
+
+/// A new key is acquired; the record says in flight, with the claim's token and fingerprint.
+pub async fn single_begin<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("single");
+    let fp = fingerprint("a");
+    let started = now_for(&subject.time);
+    let lease = acquire(&**store, &key, &fp, unit * 3).await;
+    assert_close(
+        lease.expires_at,
+        started + unit * 3,
+        slack(&subject.time),
+        "lease end",
+    );
+    let record = store.get(&key).await.unwrap().expect("record after begin");
+    assert_eq!(record.fingerprint, fp);
+    assert_eq!(record.token, lease.token);
+    assert_eq!(
+        record.state,
+        RecordState::InFlight {
+            lease_expires_at: lease.expires_at
+        }
+    );
+    assert_eq!(store.get(&scoped("other")).await.unwrap(), None);
+}
+
+/// Many tasks race `begin` on one key: exactly one acquires, the rest see it in flight.
+/// The same holds for many keys raced at once.
+pub async fn concurrent_begin_has_one_winner<S: Store>(subject: Subject<S>) {
+    let lease = subject.time.unit() * 6;
+    let fp = fingerprint("race");
+    let mut tasks = Vec::new();
+    for round in 0..128 {
+        let store = Arc::clone(&subject.store);
+        tasks.push(tokio::spawn(async move {
+            let key = scoped(&format!("race-{}", round % 8));
+            (round % 8, store.begin(&key, &fp, lease).await)
+        }));
+    }
+    tasks.push({
+        let store = Arc::clone(&subject.store);
+        tokio::spawn(async move { (8, store.begin(&scoped("race-8"), &fp, lease).await) })
+    });
+    let mut acquired = [0usize; 9];
+    let mut in_flight = [0usize; 9];
+    for task in tasks {
+        let (key, answer) = task.await.expect("task");
+        match answer {
+            Ok(Begin::Acquired(_)) => acquired[key] += 1,
+            Ok(Begin::InFlight { retry_after }) => {
+                assert!(retry_after > Duration::ZERO && retry_after <= lease);
+                in_flight[key] += 1
+            }
+            other => panic!("racing begin answered {other:?}"),
+        }
+    }
+    assert_eq!(acquired, [1; 9], "exactly one winner per key");
+    assert_eq!(
+        in_flight[..8],
+        [15; 8],
+        "every loser sees the key in flight"
+    );
+}
+
+/// After `complete`, `begin` with the same fingerprint replays the stored outcome.
+pub async fn replay_after_complete<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("replay");
+    let fp = fingerprint("a");
+    let lease = acquire(&**store, &key, &fp, unit * 3).await;
+    let outcome = Stored::new(201)
+        .with_header("content-type", "application/json")
+        .with_header("x-charge", "ch_1")
+        .with_body(r#"{"charged":true}"#);
+    let before = now_for(&subject.time);
+    let expires_at = store
+        .complete(&key, lease.token, &outcome, unit * 100)
+        .await
+        .expect("complete by the holder");
+    assert_close(
+        expires_at,
+        before + unit * 100,
+        slack(&subject.time),
+        "retention end",
+    );
+    for _ in 0..3 {
+        match store.begin(&key, &fp, unit * 3).await.unwrap() {
+            Begin::Completed {
+                stored,
+                expires_at: replay_expiry,
+            } => {
+                assert_eq!(*stored, outcome);
+                assert_eq!(replay_expiry, expires_at);
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
+    }
+    let record = store.get(&key).await.unwrap().expect("completed record");
+    assert_eq!(record.token, lease.token);
+    match record.state {
+        RecordState::Completed { stored, .. } => assert_eq!(*stored, outcome),
+        other => panic!("expected completed, got {other:?}"),
+    }
+    assert_lease_lost(
+        store.complete(&key, lease.token, &outcome, unit).await,
+        "a second complete",
+    );
+}
+
+/// A key is bound to its first fingerprint, in flight and completed.
+pub async fn fingerprint_mismatch<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("mismatch");
+    let lease = acquire(&**store, &key, &fingerprint("a"), unit * 3).await;
+    assert_eq!(
+        store
+            .begin(&key, &fingerprint("b"), unit * 3)
+            .await
+            .unwrap(),
+        Begin::Mismatch
+    );
+    store
+        .complete(&key, lease.token, &Stored::new(200), unit * 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .begin(&key, &fingerprint("b"), unit * 3)
+            .await
+            .unwrap(),
+        Begin::Mismatch
+    );
+    assert!(matches!(
+        store
+            .begin(&key, &fingerprint("a"), unit * 3)
+            .await
+            .unwrap(),
+        Begin::Completed { .. }
+    ));
+}
+
+/// While a key is held, others are told to come back within the holder's remaining lease.
+pub async fn in_flight_retry_after<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("busy");
+    let fp = fingerprint("a");
+    acquire(&**store, &key, &fp, unit * 4).await;
+    let first = match store.begin(&key, &fp, unit * 4).await.unwrap() {
+        Begin::InFlight { retry_after } => retry_after,
+        other => panic!("expected in flight, got {other:?}"),
+    };
+    assert!(first > Duration::ZERO && first <= unit * 4, "{first:?}");
+    subject.time.advance(unit * 2).await;
+    let second = match store.begin(&key, &fp, unit * 4).await.unwrap() {
+        Begin::InFlight { retry_after } => retry_after,
+        other => panic!("expected in flight, got {other:?}"),
+    };
+    assert!(second > Duration::ZERO && second <= unit * 2, "{second:?}");
+}
+
+/// After the lease ends, the next `begin` takes the key over with a larger token, even with
+/// another fingerprint.
+pub async fn lease_expiry_takeover<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("takeover");
+    let old = acquire(&**store, &key, &fingerprint("a"), unit).await;
+    subject.time.advance(unit * 2).await;
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        None,
+        "expired lease reads as absent"
+    );
+    let new = acquire(&**store, &key, &fingerprint("b"), unit * 4).await;
+    assert!(new.token > old.token, "{new:?} must outrank {old:?}");
+    let record = store.get(&key).await.unwrap().expect("new holder's record");
+    assert_eq!(record.fingerprint, fingerprint("b"));
+}
+
+/// A holder whose lease was taken over can neither complete, release nor renew, and the new
+/// holder's record is untouched by its attempts.
+pub async fn stale_token_is_fenced<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("fenced");
+    let fp = fingerprint("a");
+    let old = acquire(&**store, &key, &fp, unit).await;
+    subject.time.advance(unit * 2).await;
+    let new = acquire(&**store, &key, &fp, unit * 8).await;
+    let before = store.get(&key).await.unwrap();
+
+    assert_lease_lost(
+        store
+            .complete(
+                &key,
+                old.token,
+                &Stored::new(500).with_body("stale"),
+                unit * 10,
+            )
+            .await,
+        "complete with a stale token",
+    );
+    assert_lease_lost(
+        store.release(&key, old.token).await,
+        "release with a stale token",
+    );
+    assert_lease_lost(
+        store.renew(&key, old.token, unit * 50).await,
+        "renew with a stale token",
+    );
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        before,
+        "new holder's record untouched"
+    );
+
+    let fresh = Stored::new(200).with_body("fresh");
+    store
+        .complete(&key, new.token, &fresh, unit * 10)
+        .await
+        .unwrap();
+    match store.begin(&key, &fp, unit).await.unwrap() {
+        Begin::Completed { stored, .. } => assert_eq!(*stored, fresh),
+        other => panic!("expected the new holder's outcome, got {other:?}"),
+    }
+}
+
+/// A holder cannot complete after its own lease ended, even if nobody took the key over:
+/// once the lease is over another caller might have, and stores must agree.
+pub async fn complete_after_lease_end_is_rejected<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("late");
+    let lease = acquire(&**store, &key, &fingerprint("a"), unit).await;
+    subject.time.advance(unit * 2).await;
+    assert_lease_lost(
+        store
+            .complete(&key, lease.token, &Stored::new(200), unit * 10)
+            .await,
+        "complete after the lease ended",
+    );
+    assert_eq!(store.get(&key).await.unwrap(), None);
+}
+
+/// `renew` keeps a long operation's key held past its first lease.
+pub async fn renew_extends_the_lease<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("renew");
+    let fp = fingerprint("a");
+    let lease = acquire(&**store, &key, &fp, unit * 2).await;
+    subject.time.advance(unit).await;
+    let renewed = store.renew(&key, lease.token, unit * 4).await.unwrap();
+    assert_eq!(renewed.token, lease.token);
+    assert!(renewed.expires_at > lease.expires_at);
+    subject.time.advance(unit * 2).await;
+    assert!(matches!(
+        store.begin(&key, &fp, unit).await.unwrap(),
+        Begin::InFlight { .. }
+    ));
+    store
+        .complete(&key, lease.token, &Stored::new(200), unit * 10)
+        .await
+        .unwrap();
+}
+
+/// After `release`, the key is free again and the next claim gets a larger token; releasing
+/// twice is refused.
+pub async fn release_then_begin_again<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("release");
+    let fp = fingerprint("a");
+    let first = acquire(&**store, &key, &fp, unit * 3).await;
+    store.release(&key, first.token).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    assert_lease_lost(store.release(&key, first.token).await, "a second release");
+    let second = acquire(&**store, &key, &fingerprint("other"), unit * 3).await;
+    assert!(second.token > first.token);
+}
+
+/// A completed record is replayed until retention ends, then forgotten.
+pub async fn retention_expiry<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("retention");
+    let fp = fingerprint("a");
+    let first = acquire(&**store, &key, &fp, unit).await;
+    store
+        .complete(&key, first.token, &Stored::new(200), unit * 3)
+        .await
+        .unwrap();
+    subject.time.advance(unit * 2).await;
+    assert!(matches!(
+        store.begin(&key, &fp, unit).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+    subject.time.advance(unit * 2).await;
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    let second = acquire(&**store, &key, &fp, unit).await;
+    assert!(second.token > first.token);
+}
+
+/// `sweep` removes expired records and leaves live ones.
+pub async fn sweep_keeps_live_records<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let fp = fingerprint("a");
+    for i in 0..10 {
+        let lease = acquire(&**store, &scoped(&format!("short-{i}")), &fp, unit).await;
+        if i % 2 == 0 {
+            store
+                .complete(
+                    &scoped(&format!("short-{i}")),
+                    lease.token,
+                    &Stored::new(200),
+                    unit,
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let keeper = acquire(&**store, &scoped("long"), &fp, unit * 20).await;
+    subject.time.advance(unit * 2).await;
+    let mut removed = 0;
+    loop {
+        let step = store.sweep(3).await.unwrap();
+        assert!(step <= 3, "sweep removed {step}, over its limit of 3");
+        removed += step;
+        if step < 3 {
+            break;
+        }
+    }
+    assert!(removed <= 10);
+    for i in 0..10 {
+        assert_eq!(
+            store.get(&scoped(&format!("short-{i}"))).await.unwrap(),
+            None
+        );
+    }
+    let record = store
+        .get(&scoped("long"))
+        .await
+        .unwrap()
+        .expect("live record survives");
+    assert_eq!(record.token, keeper.token);
+}
+
+/// `delete` forgets a key in any state and says whether there was one.
+pub async fn delete_forgets<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("delete");
+    let fp = fingerprint("a");
+    assert!(!store.delete(&key).await.unwrap());
+    let lease = acquire(&**store, &key, &fp, unit).await;
+    store
+        .complete(&key, lease.token, &Stored::new(200), unit * 10)
+        .await
+        .unwrap();
+    assert!(store.delete(&key).await.unwrap());
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    let again = acquire(&**store, &key, &fp, unit).await;
+    assert!(again.token > lease.token);
+}
+
+/// The same key in two scopes names two records; neither sees the other's outcome.
+pub async fn scopes_are_isolated<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let fp = fingerprint("a");
+    let a = scoped_in("tenant-a", "shared-key");
+    let b = scoped_in("tenant-b", "shared-key");
+    let lease_a = acquire(&**store, &a, &fp, unit * 3).await;
+    let lease_b = acquire(&**store, &b, &fp, unit * 3).await;
+    store
+        .complete(
+            &a,
+            lease_a.token,
+            &Stored::new(200).with_body("for a"),
+            unit * 10,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.begin(&b, &fp, unit).await.unwrap(),
+        Begin::InFlight { .. }
+    ));
+    store
+        .complete(
+            &b,
+            lease_b.token,
+            &Stored::new(200).with_body("for b"),
+            unit * 10,
+        )
+        .await
+        .unwrap();
+    for (key, body) in [(&a, "for a"), (&b, "for b")] {
+        match store.begin(key, &fp, unit).await.unwrap() {
+            Begin::Completed { stored, .. } => {
+                assert_eq!(stored.body.as_deref(), Some(body.as_bytes()))
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
+    }
+    // Separators inside scope or key must not make two pairs collide.
+    let left = scoped_in("x:y", "z");
+    let right = scoped_in("x", "y:z");
+    acquire(&**store, &left, &fp, unit).await;
+    acquire(&**store, &right, &fp, unit).await;
+}
+
+/// The longest allowed key and keys of awkward characters work, and differ from each other.
+pub async fn long_and_odd_keys<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let fp = fingerprint("a");
+    let longest = "k".repeat(crate::DEFAULT_MAX_KEY_LEN);
+    let odd = [
+        longest.as_str(),
+        " leading space",
+        "quote\"back\\slash",
+        "{hash}tag}",
+        "percent%2F*glob?[x]",
+        "KEY",
+        "key",
+        "'; DROP TABLE records; --",
+        "~!@#$^&()_+=`|<>,./",
+    ];
+    for (i, text) in odd.iter().enumerate() {
+        let key = scoped_in("odd {scope}", text);
+        let lease = acquire(&**store, &key, &fp, unit).await;
+        let body = format!("outcome {i}");
+        store
+            .complete(
+                &key,
+                lease.token,
+                &Stored::new(200).with_body(body),
+                unit * 10,
+            )
+            .await
+            .unwrap();
+    }
+    for (i, text) in odd.iter().enumerate() {
+        let key = scoped_in("odd {scope}", text);
+        match store.begin(&key, &fp, unit).await.unwrap() {
+            Begin::Completed { stored, .. } => assert_eq!(
+                stored.body.as_deref(),
+                Some(format!("outcome {i}").as_bytes()),
+                "key {text:?}"
+            ),
+            other => panic!("key {text:?}: expected a replay, got {other:?}"),
+        }
+    }
+}
+
+/// A 1 MiB body, binary header values and a not-kept body survive storage byte for byte.
+pub async fn large_and_binary_outcomes<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let fp = fingerprint("a");
+    let body: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 31 % 251) as u8).collect();
+    let mut big = Stored::new(200).with_body(body);
+    for i in 0..50 {
+        big = big.with_header(format!("x-h{i}"), Bytes::from(vec![0xff, 0x00, i as u8]));
+    }
+    let not_kept = Stored::new(201)
+        .with_header("location", "/p/1")
+        .without_body();
+    for (name, outcome) in [("big", &big), ("not-kept", &not_kept)] {
+        let key = scoped(name);
+        let lease = acquire(&**store, &key, &fp, unit).await;
+        store
+            .complete(&key, lease.token, outcome, unit * 10)
+            .await
+            .unwrap();
+        match store.begin(&key, &fp, unit).await.unwrap() {
+            Begin::Completed { stored, .. } => assert!(*stored == *outcome, "{name} differs"),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+    }
+}
+
+/// Runs every case of the conformance suite as its own `#[tokio::test]`, each on a fresh
+/// subject from `$make` (an async function returning [`Subject`]).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:ident) => {
+        $crate::conformance_suite!(@cases $make;
+            single_begin,
+            concurrent_begin_has_one_winner,
+            replay_after_complete,
+            fingerprint_mismatch,
+            in_flight_retry_after,
+            lease_expiry_takeover,
+            stale_token_is_fenced,
+            complete_after_lease_end_is_rejected,
+            renew_extends_the_lease,
+            release_then_begin_again,
+            retention_expiry,
+            sweep_keeps_live_records,
+            delete_forgets,
+            scopes_are_isolated,
+            long_and_odd_keys,
+            large_and_binary_outcomes,
+        );
+    };
+    (@cases $make:ident; $($case:ident),+ $(,)?) => {
+        mod conformance {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    $crate::testing::$case(super::$make().await).await;
+                }
+            )+
+        }
+    };
+}
