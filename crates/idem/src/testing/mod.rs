@@ -19,8 +19,6 @@
 //! Stores that read the time from their server (Redis, Postgres) use [`TimeTravel::Real`]:
 //! the suite then sleeps, with durations scaled down so that it stays fast.
 
-// The suite is test code: a failed expectation should panic with its message.
-#![allow(clippy::unwrap_used)]
 
 pub mod model;
 
@@ -59,12 +57,14 @@ impl TimeTravel {
 }
 
 /// A fresh store under test, and the means to move its time.
-#[derive(Debug)]
 pub struct Subject<S> {
     /// The store, empty and isolated from every other test.
     pub store: Arc<S>,
     /// How to let time pass for it.
     pub time: TimeTravel,
+    // Declared after the store so it is dropped after it: a temporary directory, a
+    // database to drop, whatever must outlive the store.
+    _guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl<S: Store> Subject<S> {
@@ -73,7 +73,27 @@ impl<S: Store> Subject<S> {
         Self {
             store: Arc::new(store),
             time,
+            _guard: None,
         }
+    }
+
+    /// Wraps a fresh store with something that must live as long as it (and is dropped
+    /// after it), such as its temporary directory.
+    pub fn with_guard(store: S, time: TimeTravel, guard: impl Send + Sync + 'static) -> Self {
+        Self {
+            store: Arc::new(store),
+            time,
+            _guard: Some(Box::new(guard)),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Subject<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subject")
+            .field("store", &self.store)
+            .field("time", &self.time)
+            .finish_non_exhaustive()
     }
 }
 
