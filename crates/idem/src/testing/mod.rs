@@ -19,7 +19,6 @@
 //! Stores that read the time from their server (Redis, Postgres) use [`TimeTravel::Real`]:
 //! the suite then sleeps, with durations scaled down so that it stays fast.
 
-
 pub mod model;
 
 use std::sync::Arc;
