@@ -1,0 +1,376 @@
+//! What makes a retry "the same request": the request fingerprint, canonical JSON and
+//! JSON pointers.
+//!
+//! A request's fingerprint hashes, each as a labelled part (see
+//! [`idem::FingerprintBuilder`]): the method, the path, the query, every configured header
+//! (each value, or a marker that it is absent) and the body. With `json_canonical`, a JSON
+//! body enters as [`canonical_json`] instead of its raw bytes, so key order, whitespace and
+//! the fields named by `json_ignore` make no difference.
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+
+use http::header::CONTENT_TYPE;
+use http::request::Parts;
+use idem::Fingerprint;
+use serde_json::Value;
+
+use crate::policy::Config;
+
+/// The fingerprint of a request under a policy.
+pub(crate) fn request_fingerprint(config: &Config, parts: &Parts, body: &[u8]) -> Fingerprint {
+    let mut builder = Fingerprint::builder();
+    builder.push("method", parts.method.as_str().as_bytes());
+    builder.push("path", parts.uri.path().as_bytes());
+    builder.push("query", parts.uri.query().unwrap_or_default().as_bytes());
+    for name in &config.fingerprint_headers {
+        let mut present = false;
+        for value in parts.headers.get_all(name) {
+            present = true;
+            builder.push(&format!("header {name}"), value.as_bytes());
+        }
+        if !present {
+            builder.push("absent header", name.as_str().as_bytes());
+        }
+    }
+    let canonical = (config.policy.json_canonical && is_json(parts))
+        .then(|| canonical_json(body, &config.json_ignore))
+        .flatten();
+    match canonical {
+        Some(json) => builder.push("json body", json.as_bytes()),
+        None => builder.push("body", body),
+    }
+    builder.finish()
+}
+
+/// Whether the request says its body is JSON: `application/json` or any `+json` type.
+fn is_json(parts: &Parts) -> bool {
+    let Some(value) = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json")
+}
+
+/// `body` parsed as JSON, with the `ignore`d members removed and written back compactly with
+/// object keys sorted (by their UTF-8 bytes); `None` if `body` is not JSON.
+///
+/// Two documents that differ only in key order, whitespace or ignored members give the same
+/// text. Numbers are compared as `serde_json` reads them: integers exactly, other numbers as
+/// `f64` (so `1.50` and `1.5` are the same, `1.0` and `1` are not, and integers beyond 64
+/// bits may be rounded). For a duplicated key the last value counts.
+///
+/// ```
+/// use idem_http::fingerprint::{JsonPointer, canonical_json};
+///
+/// let ignore = [JsonPointer::parse("/meta/sent_at").unwrap()];
+/// let a = canonical_json(br#"{"b": 2, "a": [1, {"y": 0, "x": 1}], "meta": {"sent_at": 5}}"#, &ignore);
+/// let b = canonical_json(br#"{"a":[1,{"x":1,"y":0}],"b":2,"meta":{"sent_at":6}}"#, &ignore);
+/// assert_eq!(a, b);
+/// assert_eq!(a.unwrap(), r#"{"a":[1,{"x":1,"y":0}],"b":2,"meta":{}}"#);
+/// assert_eq!(canonical_json(b"not json", &[]), None);
+/// ```
+pub fn canonical_json(body: &[u8], ignore: &[JsonPointer]) -> Option<String> {
+    let mut value: Value = serde_json::from_slice(body).ok()?;
+    for pointer in ignore {
+        pointer.remove_from(&mut value);
+    }
+    let mut out = String::with_capacity(body.len());
+    write_canonical(&value, &mut out);
+    Some(out)
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut members: Vec<_> = map.iter().collect();
+            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (name, member)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_string(name, out);
+                out.push(':');
+                write_canonical(member, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::String(s) => write_string(s, out),
+        // Null, booleans and numbers: serde_json's compact form.
+        scalar => {
+            // Writing into a String cannot fail.
+            let _ = write!(out, "{scalar}");
+        }
+    }
+}
+
+fn write_string(s: &str, out: &mut String) {
+    // serde_json escapes exactly as JSON requires; writing into a String cannot fail.
+    let _ = write!(out, "{}", Value::from(s));
+}
+
+/// A JSON pointer (RFC 6901) naming a member to leave out of a fingerprint, such as
+/// `/meta/sent_at` or `/items/0/trace_id`.
+///
+/// `~1` stands for `/` and `~0` for `~` within a reference token. The empty pointer (the
+/// whole document) is refused: ignoring everything is never what was meant.
+///
+/// ```
+/// use idem_http::fingerprint::JsonPointer;
+///
+/// let pointer: JsonPointer = "/a~1b/m~0n".parse().unwrap();
+/// assert_eq!(pointer.tokens(), ["a/b", "m~n"]);
+/// assert!(JsonPointer::parse("").is_err());
+/// assert!(JsonPointer::parse("a").is_err());
+/// assert!(JsonPointer::parse("/bad~2").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonPointer {
+    text: String,
+    tokens: Vec<String>,
+}
+
+/// Why a string is not a usable [`JsonPointer`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JsonPointerError {
+    /// The empty pointer names the whole document.
+    #[error("is empty: it would name the whole document")]
+    Empty,
+    /// A non-empty pointer must start with `/`.
+    #[error("does not start with `/`")]
+    NoLeadingSlash,
+    /// `~` must be followed by `0` or `1`.
+    #[error("has a `~` not followed by `0` or `1`")]
+    BadEscape,
+}
+
+impl JsonPointer {
+    /// Parses a pointer in its string form.
+    pub fn parse(text: &str) -> Result<Self, JsonPointerError> {
+        let rest = match text.strip_prefix('/') {
+            Some(rest) => rest,
+            None if text.is_empty() => return Err(JsonPointerError::Empty),
+            None => return Err(JsonPointerError::NoLeadingSlash),
+        };
+        let tokens = rest
+            .split('/')
+            .map(unescape)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            text: text.to_owned(),
+            tokens,
+        })
+    }
+
+    /// The pointer as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The unescaped reference tokens.
+    pub fn tokens(&self) -> &[String] {
+        &self.tokens
+    }
+
+    /// Removes the member this pointer names from `value`; says whether there was one. An
+    /// array element is replaced by `null` rather than removed, so that the elements after
+    /// it keep their positions.
+    ///
+    /// ```
+    /// use idem_http::fingerprint::JsonPointer;
+    /// use serde_json::json;
+    ///
+    /// let mut doc = json!({"items": [{"id": 1, "ts": 9}, 7], "ts": 3});
+    /// assert!(JsonPointer::parse("/items/0/ts").unwrap().remove_from(&mut doc));
+    /// assert!(JsonPointer::parse("/items/1").unwrap().remove_from(&mut doc));
+    /// assert!(!JsonPointer::parse("/nothing/here").unwrap().remove_from(&mut doc));
+    /// assert_eq!(doc, json!({"items": [{"id": 1}, null], "ts": 3}));
+    /// ```
+    pub fn remove_from(&self, value: &mut Value) -> bool {
+        let Some((last, path)) = self.tokens.split_last() else {
+            return false;
+        };
+        let mut target = value;
+        for token in path {
+            let next = match target {
+                Value::Object(map) => map.get_mut(token.as_str()),
+                Value::Array(items) => array_index(token).and_then(|i| items.get_mut(i)),
+                _ => None,
+            };
+            match next {
+                Some(next) => target = next,
+                None => return false,
+            }
+        }
+        match target {
+            Value::Object(map) => map.remove(last.as_str()).is_some(),
+            Value::Array(items) => match array_index(last).and_then(|i| items.get_mut(i)) {
+                Some(item) => {
+                    *item = Value::Null;
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for JsonPointer {
+    type Err = JsonPointerError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::parse(text)
+    }
+}
+
+fn unescape(token: &str) -> Result<String, JsonPointerError> {
+    let mut out = String::with_capacity(token.len());
+    let mut chars = token.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' {
+            match chars.next() {
+                Some('0') => out.push('~'),
+                Some('1') => out.push('/'),
+                _ => return Err(JsonPointerError::BadEscape),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// RFC 6901 array indices: `0`, or digits without a leading zero.
+fn array_index(token: &str) -> Option<usize> {
+    let digits_only = !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit());
+    if !digits_only || (token.len() > 1 && token.starts_with('0')) {
+        return None;
+    }
+    token.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parts(method: &str, uri: &str, content_type: Option<&str>) -> Parts {
+        let mut builder = http::Request::builder().method(method).uri(uri);
+        if let Some(ct) = content_type {
+            builder = builder.header(CONTENT_TYPE, ct);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn config() -> Config {
+        crate::IdempotencyPolicy {
+            json_ignore: vec!["/ts".into()],
+            ..Default::default()
+        }
+        .compile()
+        .unwrap()
+    }
+
+    #[test]
+    fn json_key_order_and_ignored_fields_do_not_matter() {
+        let c = config();
+        let p = parts("POST", "/pay?x=1", Some("application/json; charset=utf-8"));
+        let a = request_fingerprint(&c, &p, br#"{"a":1,"b":2,"ts":1}"#);
+        let b = request_fingerprint(&c, &p, br#"{ "b":2, "ts":2, "a":1 }"#);
+        assert_eq!(a, b);
+        let other = request_fingerprint(&c, &p, br#"{"a":1,"b":3}"#);
+        assert_ne!(a, other);
+    }
+
+    #[test]
+    fn plus_json_types_are_json_and_others_are_bytes() {
+        let c = config();
+        let vnd = parts("POST", "/", Some("application/vnd.api+JSON"));
+        assert_eq!(
+            request_fingerprint(&c, &vnd, br#"{"a":1,"b":2}"#),
+            request_fingerprint(&c, &vnd, br#"{"b":2,"a":1}"#)
+        );
+        let text = parts("POST", "/", Some("text/plain"));
+        assert_ne!(
+            request_fingerprint(&c, &text, br#"{"a":1,"b":2}"#),
+            request_fingerprint(&c, &text, br#"{"b":2,"a":1}"#)
+        );
+    }
+
+    #[test]
+    fn method_path_query_and_headers_count() {
+        let c = config();
+        let base = request_fingerprint(&c, &parts("POST", "/a?q=1", None), b"x");
+        for other in [
+            parts("PATCH", "/a?q=1", None),
+            parts("POST", "/b?q=1", None),
+            parts("POST", "/a?q=2", None),
+            parts("POST", "/a?q=1", Some("text/plain")),
+        ] {
+            assert_ne!(base, request_fingerprint(&c, &other, b"x"));
+        }
+        // Scheme and authority are not part of the request's identity.
+        let absolute = parts("POST", "http://example.com/a?q=1", None);
+        assert_eq!(base, request_fingerprint(&c, &absolute, b"x"));
+    }
+
+    #[test]
+    fn malformed_json_falls_back_to_raw_bytes() {
+        let c = config();
+        let p = parts("POST", "/", Some("application/json"));
+        let a = request_fingerprint(&c, &p, b"{not json");
+        let b = request_fingerprint(&c, &p, b"{not json");
+        let d = request_fingerprint(&c, &p, b"{not  json");
+        assert_eq!(a, b);
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn canonical_form_escapes_strings() {
+        let text = canonical_json(br#"{"q\"":"a\nb","\u00e9":[true,null,1.5,-2]}"#, &[]);
+        assert_eq!(
+            text.unwrap(),
+            "{\"q\\\"\":\"a\\nb\",\"\u{e9}\":[true,null,1.5,-2]}"
+        );
+    }
+
+    #[test]
+    fn pointers_follow_rfc_6901() {
+        let mut doc = json!({"a/b": {"m~n": 1, "k": 2}, "list": [0, 1, 2]});
+        assert!(
+            JsonPointer::parse("/a~1b/m~0n")
+                .unwrap()
+                .remove_from(&mut doc)
+        );
+        assert!(
+            !JsonPointer::parse("/list/01")
+                .unwrap()
+                .remove_from(&mut doc)
+        );
+        assert!(!JsonPointer::parse("/list/-").unwrap().remove_from(&mut doc));
+        assert!(!JsonPointer::parse("/list/9").unwrap().remove_from(&mut doc));
+        assert!(JsonPointer::parse("/list/2").unwrap().remove_from(&mut doc));
+        assert_eq!(doc, json!({"a/b": {"k": 2}, "list": [0, 1, null]}));
+        let mut empty_key = json!({"": 1});
+        assert!(JsonPointer::parse("/").unwrap().remove_from(&mut empty_key));
+        assert_eq!(empty_key, json!({}));
+    }
+}

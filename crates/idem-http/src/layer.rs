@@ -1,0 +1,140 @@
+//! [`IdempotencyLayer`]: builds the [`Idempotency`] service.
+
+use std::fmt;
+use std::sync::Arc;
+
+use idem::Store;
+use tower::Layer;
+
+use crate::extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromCredentials};
+use crate::policy::{Config, IdempotencyPolicy, PolicyError};
+use crate::service::{Idempotency, Shared};
+use crate::stats::IdempotencyStats;
+
+/// A tower [`Layer`] that gives the service it wraps the idempotency semantics described in
+/// the [crate docs](crate): a retried request with the same key gets the first response
+/// back instead of running again.
+///
+/// Every service the layer makes shares its store, policy and [`IdempotencyStats`].
+///
+/// ```
+/// use std::time::Duration;
+/// use idem::MemoryStore;
+/// use idem_http::{IdempotencyLayer, IdempotencyPolicy, OnConflict};
+///
+/// let policy = IdempotencyPolicy {
+///     key_required: true,
+///     on_conflict: OnConflict::Wait,
+///     wait_timeout: Duration::from_secs(5),
+///     ..IdempotencyPolicy::default()
+/// };
+/// let layer = IdempotencyLayer::with_policy(MemoryStore::new(), policy)?;
+/// assert_eq!(layer.stats().executed(), 0);
+/// # Ok::<(), idem_http::PolicyError>(())
+/// ```
+pub struct IdempotencyLayer<St> {
+    store: Arc<St>,
+    config: Arc<Config>,
+    make_scope: Arc<dyn MakeScope>,
+    extract_key: Arc<dyn ExtractKey>,
+    stats: Arc<IdempotencyStats>,
+}
+
+impl<St: Store> IdempotencyLayer<St> {
+    /// A layer with the default [`IdempotencyPolicy`].
+    pub fn new(store: St) -> Self {
+        Self::from_config(
+            Arc::new(store),
+            IdempotencyPolicy::default()
+                .compile()
+                .expect("the default policy is valid"),
+        )
+    }
+
+    /// A layer with `policy`, once it [validates](IdempotencyPolicy::validate).
+    pub fn with_policy(store: St, policy: IdempotencyPolicy) -> Result<Self, PolicyError> {
+        Ok(Self::from_config(Arc::new(store), policy.compile()?))
+    }
+
+    fn from_config(store: Arc<St>, config: Config) -> Self {
+        let extract_key = Arc::new(KeyFromHeader::new(
+            config.header.clone(),
+            config.policy.max_key_len,
+        ));
+        Self {
+            store,
+            config: Arc::new(config),
+            make_scope: Arc::new(ScopeFromCredentials),
+            extract_key,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Replaces how a request's scope is decided (default [`ScopeFromCredentials`]).
+    pub fn make_scope(mut self, make_scope: impl MakeScope) -> Self {
+        self.make_scope = Arc::new(make_scope);
+        self
+    }
+
+    /// Replaces how a request's key is found (default [`KeyFromHeader`] with the policy's
+    /// `header` and `max_key_len`). The policy's `header` still names the header in a
+    /// `missing-key` problem.
+    pub fn extract_key(mut self, extract_key: impl ExtractKey) -> Self {
+        self.extract_key = Arc::new(extract_key);
+        self
+    }
+
+    /// The counters shared by every service this layer made.
+    pub fn stats(&self) -> Arc<IdempotencyStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &IdempotencyPolicy {
+        &self.config.policy
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+}
+
+impl<St> Clone for IdempotencyLayer<St> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            config: Arc::clone(&self.config),
+            make_scope: Arc::clone(&self.make_scope),
+            extract_key: Arc::clone(&self.extract_key),
+            stats: Arc::clone(&self.stats),
+        }
+    }
+}
+
+impl<St: fmt::Debug> fmt::Debug for IdempotencyLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("store", &self.store)
+            .field("policy", &self.config.policy)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::from_shared(
+            inner,
+            Arc::new(Shared {
+                store: Arc::clone(&self.store),
+                config: Arc::clone(&self.config),
+                make_scope: Arc::clone(&self.make_scope),
+                extract_key: Arc::clone(&self.extract_key),
+                stats: Arc::clone(&self.stats),
+            }),
+        )
+    }
+}
