@@ -1,15 +1,131 @@
 //! The `idem` command.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use idem_cli::config::{GatewayConfig, Overrides};
 
 /// idem makes retried operations take effect exactly once.
 ///
 /// A retried request with the same Idempotency-Key gets the first answer back instead of
-/// running again. Subcommands (serve, demo, check, keys) arrive with the HTTP layer.
+/// running again.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, about, long_about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway: a reverse proxy that makes an upstream's POST/PATCH idempotent.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The service to protect, e.g. http://127.0.0.1:3000 (required here or in --config)
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Where records live: redb:PATH (durable, the default: redb:idem.redb) or memory:
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Answer 400 to POST/PATCH requests without an Idempotency-Key
+    #[arg(long)]
+    require_key: bool,
+    /// What a duplicate of a running request gets: reject (409) or wait (then the replay)
+    #[arg(long, value_enum, value_name = "MODE")]
+    on_conflict: Option<OnConflictArg>,
+    /// TOML file with defaults and per-route policies (see the README)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print what the gateway would do, and exit
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OnConflictArg {
+    Reject,
+    Wait,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = Overrides {
+        listen: args.listen,
+        upstream: args.upstream,
+        store: args.store,
+        require_key: args.require_key,
+        on_conflict: args.on_conflict.map(|mode| {
+            match mode {
+                OnConflictArg::Reject => "reject",
+                OnConflictArg::Wait => "wait",
+            }
+            .to_owned()
+        }),
+    };
+    let config = match GatewayConfig::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: invalid configuration: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("configuration is valid\n\n{}", config.describe());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(idem_cli::gateway::serve(
+        config,
+        idem_cli::gateway::shutdown_signal(),
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// An error and its causes, one after another.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

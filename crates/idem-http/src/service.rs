@@ -243,7 +243,13 @@ where
     loop {
         // The claim and the run share one task, so a client that goes away at any point
         // after this cannot leave a claimed key behind or cancel the inner call.
-        let task = tokio::spawn(attempt(Arc::clone(&shared), key.clone(), fingerprint, job));
+        let running = shared.stats.enter();
+        let claim = attempt(Arc::clone(&shared), key.clone(), fingerprint, job);
+        let task = tokio::spawn(async move {
+            let attempt = claim.await;
+            drop(running);
+            attempt
+        });
         let refusal = match task.await {
             Ok(Attempt::Ran(response)) => return response,
             Ok(Attempt::Refused(refusal, returned)) => {

@@ -13,6 +13,16 @@ pub struct IdempotencyStats {
     mismatches: AtomicU64,
     store_errors: AtomicU64,
     fail_open: AtomicU64,
+    running: AtomicU64,
+}
+
+/// Counts one detached keyed request as running until dropped.
+pub(crate) struct Running(std::sync::Arc<IdempotencyStats>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +46,19 @@ impl IdempotencyStats {
             Counter::FailOpen => &self.fail_open,
         };
         cell.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks a detached keyed request as running until the guard is dropped.
+    pub(crate) fn enter(self: &std::sync::Arc<Self>) -> Running {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Running(std::sync::Arc::clone(self))
+    }
+
+    /// Keyed requests whose detached work (claim, inner call, storing) is under way now,
+    /// whether or not their client is still waiting. A server shutting down waits for this
+    /// to reach zero, so that every response it started is stored.
+    pub fn running(&self) -> u64 {
+        self.running.load(Ordering::SeqCst)
     }
 
     /// Keyed requests that claimed their key and were sent to the inner service.

@@ -1,0 +1,8 @@
+//! The `idem` command's parts, as a library so tests and the demo can run them in-process:
+//! the gateway ([`gateway`]), its reverse proxy ([`proxy`]), configuration ([`config`]),
+//! store URLs ([`store_url`]).
+
+pub mod config;
+pub mod gateway;
+pub mod proxy;
+pub mod store_url;
