@@ -348,9 +348,17 @@ impl GatewayConfig {
 }
 
 fn policy_from(table: toml::Table, at: &str) -> Result<IdempotencyPolicy, ConfigError> {
-    let policy: IdempotencyPolicy = table
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::new(at, e.message()))?;
+    let policy: IdempotencyPolicy = table.clone().try_into().map_err(|e: toml::de::Error| {
+        // The error does not say which key is at fault: find the one that fails on its own.
+        let field = table
+            .iter()
+            .find(|(name, value)| {
+                let alone = toml::Table::from_iter([((*name).clone(), (*value).clone())]);
+                alone.try_into::<IdempotencyPolicy>().is_err()
+            })
+            .map_or_else(|| at.to_owned(), |(name, _)| format!("{at}.{name}"));
+        ConfigError::new(field, e.message())
+    })?;
     policy
         .validate()
         .map_err(|e| ConfigError::new(format!("{at}.{}", e.field()), e.reason()))?;

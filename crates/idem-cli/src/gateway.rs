@@ -208,7 +208,9 @@ pub async fn serve(
             addr: config.listen,
             source,
         })?;
-    tracing::info!(listen = %config.listen, upstream = %config.upstream, store = %config.store, "idem serve is ready");
+    // The bound address, not the configured one: with port 0 the OS picks the port.
+    let listen = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(%listen, upstream = %config.upstream, store = %config.store, "idem serve is ready");
     serve_on(listener, gateway, shutdown, config.shutdown_timeout).await;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! store URLs ([`store_url`]).
 
 pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod proxy;
 pub mod store_url;

@@ -21,6 +21,13 @@ struct Cli {
 enum Command {
     /// Run the gateway: a reverse proxy that makes an upstream's POST/PATCH idempotent.
     Serve(ServeArgs),
+    /// Watch retries charge customers twice, then watch idem stop it (nothing to set up).
+    ///
+    /// Runs a payments service, the idem gateway (redb in a temporary directory) and a fleet
+    /// of clients in this process, over a network hop that loses a share of the answers
+    /// after the charge is made. Clients retry with the same Idempotency-Key. Exits non-zero
+    /// if, with idem, any payment was charged twice or got no answer.
+    Demo(idem_cli::demo::DemoArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +65,41 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Demo(args) => demo(&args),
+    }
+}
+
+fn demo(args: &idem_cli::demo::DemoArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(idem_cli::demo::run(args)) {
+        Ok(report) => {
+            println!("{report}");
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                for problem in report.problems() {
+                    eprintln!("error: {problem}");
+                }
+                ExitCode::FAILURE
+            }
+        }
+        Err(error @ idem_cli::demo::DemoError::InvalidArgs { .. }) => {
+            eprintln!("error: {error}");
+            ExitCode::from(2)
+        }
+        Err(error) => {
+            eprintln!("error: {}", chain(&error));
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -160,9 +160,13 @@ impl tower::Service<Request<Body>> for Proxy {
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
+            // HTTP/2 (and absolute-form HTTP/1.1) clients name the host in the URI.
+            let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+                let authority = parts.uri.authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            });
             parts.uri = upstream.uri_for(&parts.uri)?;
             let client_addr = parts.extensions.get::<ClientAddr>().copied();
-            let original_host = parts.headers.get(header::HOST).cloned();
             strip_hop_by_hop(&mut parts.headers);
             if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
                 parts.headers.insert(header::HOST, host);
