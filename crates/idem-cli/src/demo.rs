@@ -902,7 +902,7 @@ impl GatewayRun {
             ..Overrides::default()
         };
         let config = GatewayConfig::resolve(FileConfig::default(), &overrides)?;
-        let store = config.store.open()?;
+        let store = config.store.open().await?;
         let gateway = Gateway::new(&config, store)?;
         let listener = TcpListener::bind(config.listen)
             .await

@@ -200,7 +200,7 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let store = config.store.open()?;
+    let store = config.store.open().await?;
     let gateway = Gateway::new(&config, store)?;
     let listener = TcpListener::bind(config.listen)
         .await

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use idem::{MemoryStore, Store};
 use idem_redb::RedbStore;
+use idem_redis::{RedisOptions, RedisStore};
 
 /// A parsed store URL.
 ///
@@ -17,6 +18,10 @@ use idem_redb::RedbStore;
 ///     "redb:data/idem.redb".parse::<StoreUrl>().unwrap(),
 ///     StoreUrl::Redb("data/idem.redb".into())
 /// );
+/// assert_eq!(
+///     "redis://:secret@127.0.0.1:6379".parse::<StoreUrl>().unwrap().to_string(),
+///     "redis://:***@127.0.0.1:6379"
+/// );
 /// assert!("mysql://x".parse::<StoreUrl>().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,13 +30,21 @@ pub enum StoreUrl {
     Memory,
     /// `redb:PATH`: the embedded durable store in the file at PATH (created if absent).
     Redb(PathBuf),
+    /// `redis://[user:pass@]host[:port][/db]` (one node) or
+    /// `redis+cluster://[user:pass@]host:port,host:port,...` (Redis Cluster): shared by
+    /// every gateway that names it. A `?prefix=NAME` query sets the key prefix (default
+    /// `idem`), so several deployments can share one Redis.
+    Redis(String),
 }
 
 /// Why a store URL is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreUrlError {
     /// An unknown or malformed URL.
-    #[error("`{0}` is not a store URL; use `memory:` or `redb:PATH`")]
+    #[error(
+        "`{0}` is not a store URL; use `memory:`, `redb:PATH`, `redis://host:port` or \
+         `redis+cluster://host:port,host:port`"
+    )]
     Unknown(String),
     /// `redb:` without a path.
     #[error("`{0}` names no file; use `redb:PATH`, e.g. `redb:idem.redb`")]
@@ -39,6 +52,9 @@ pub enum StoreUrlError {
     /// The store could not be opened.
     #[error("cannot open the store")]
     Open(#[source] idem_redb::OpenError),
+    /// The Redis store could not connect.
+    #[error("cannot connect to the Redis store")]
+    Redis(#[source] idem_redis::ConnectError),
 }
 
 impl std::str::FromStr for StoreUrl {
@@ -47,6 +63,9 @@ impl std::str::FromStr for StoreUrl {
     fn from_str(url: &str) -> Result<Self, StoreUrlError> {
         if matches!(url, "memory" | "memory:" | "memory://") {
             return Ok(Self::Memory);
+        }
+        if url.starts_with("redis://") || url.starts_with("redis+cluster://") {
+            return Ok(Self::Redis(url.to_owned()));
         }
         let path = url
             .strip_prefix("redb://")
@@ -64,13 +83,15 @@ impl std::fmt::Display for StoreUrl {
         match self {
             Self::Memory => f.write_str("memory:"),
             Self::Redb(path) => write!(f, "redb:{}", path.display()),
+            Self::Redis(url) => f.write_str(&redact(url)),
         }
     }
 }
 
 impl StoreUrl {
-    /// Opens the store. Call it inside a tokio runtime: the memory store's sweeper is a task.
-    pub fn open(&self) -> Result<Arc<dyn Store>, StoreUrlError> {
+    /// Opens the store (for Redis: connects, and fails if it cannot within the connect
+    /// timeout). Call it inside a tokio runtime: the memory store's sweeper is a task.
+    pub async fn open(&self) -> Result<Arc<dyn Store>, StoreUrlError> {
         Ok(match self {
             Self::Memory => {
                 let store = Arc::new(MemoryStore::new());
@@ -79,6 +100,79 @@ impl StoreUrl {
             }
             // redb sweeps on its own writer thread.
             Self::Redb(path) => Arc::new(RedbStore::open(path).map_err(StoreUrlError::Open)?),
+            // Redis expires records by itself: no sweeper.
+            Self::Redis(url) => {
+                let (url, prefix) = take_param(url, "prefix");
+                let mut options = RedisOptions::default();
+                if let Some(prefix) = prefix {
+                    options.prefix = prefix;
+                }
+                Arc::new(
+                    RedisStore::connect_with(&url, options)
+                        .await
+                        .map_err(StoreUrlError::Redis)?,
+                )
+            }
         })
+    }
+}
+
+/// The URL with any password replaced, for logs and `--check`.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((credentials, host)) => {
+                let user = credentials.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Removes `name=value` from the URL's query, returning the URL without it and the value:
+/// idem's own settings ride in the store URL but are not the client library's business.
+fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut value = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some((key, found)) if key == name => {
+                value = Some(found.to_owned());
+                false
+            }
+            _ => !pair.is_empty(),
+        })
+        .collect();
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (url, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_param;
+
+    #[test]
+    fn idem_parameters_are_taken_out_of_the_url() {
+        assert_eq!(
+            take_param("redis://h:1/0?prefix=p1&x=y", "prefix"),
+            ("redis://h:1/0?x=y".to_owned(), Some("p1".to_owned()))
+        );
+        assert_eq!(
+            take_param("redis://h:1?prefix=p1", "prefix"),
+            ("redis://h:1".to_owned(), Some("p1".to_owned()))
+        );
+        assert_eq!(
+            take_param("redis://h:1", "prefix"),
+            ("redis://h:1".to_owned(), None)
+        );
     }
 }

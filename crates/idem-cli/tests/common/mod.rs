@@ -275,7 +275,7 @@ pub fn upstream_only(upstream: &Upstream) -> Overrides {
 impl TestGateway {
     /// The gateway for `config` over the store it names.
     pub async fn start(config: &GatewayConfig) -> Self {
-        let store = config.store.open().unwrap();
+        let store = config.store.open().await.unwrap();
         Self::with_store(config, store).await
     }
 
@@ -527,11 +527,15 @@ impl ServeProcess {
     /// Starts `idem serve --listen 127.0.0.1:0 --upstream URL --store redb:PATH ARGS` and
     /// waits for its ready line, which carries the bound address.
     pub fn start(upstream: &Upstream, redb: &Path, args: &[&str]) -> Self {
-        let store = format!("redb:{}", redb.display());
+        Self::start_on(upstream, &format!("redb:{}", redb.display()), args)
+    }
+
+    /// Like [`start`](Self::start), on any store URL.
+    pub fn start_on(upstream: &Upstream, store: &str, args: &[&str]) -> Self {
         let mut child = Command::new(idem_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--upstream"])
             .arg(upstream.url())
-            .args(["--store", &store])
+            .args(["--store", store])
             .args(args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
