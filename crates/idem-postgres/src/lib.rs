@@ -1,0 +1,633 @@
+//! # idem-postgres: the Postgres idem store
+//!
+//! Records live in one Postgres table. Any number of gateways (or consumers) pointed at the
+//! same table behave as one: a key completed through one is replayed by all of them.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
+//! use idem_postgres::{PostgresOptions, PostgresStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Creates (or upgrades) the table `idem.records` at startup.
+//! let options = PostgresOptions::new().table("idem.records").max_connections(16);
+//! let store = PostgresStore::connect_with("postgres://idem@db.internal/app", &options).await?;
+//! // Expired records are deleted in the background, 1 000 at a time.
+//! let _sweeper = store.spawn_sweeper(Duration::from_secs(30), 1_000);
+//!
+//! let key = ScopedKey::new(Scope::anonymous(), Key::new("pay-1")?);
+//! let fingerprint = Fingerprint::builder().part("body", b"{}").finish();
+//! match store.begin(&key, &fingerprint, Duration::from_secs(30)).await? {
+//!     Begin::Acquired(lease) => {
+//!         let outcome = Stored::new(201).with_body("charged");
+//!         store.complete(&key, lease.token, &outcome, Duration::from_secs(86_400)).await?;
+//!     }
+//!     Begin::Completed { stored, .. } => println!("replay: {}", stored.status),
+//!     Begin::InFlight { retry_after } => println!("busy, retry in {retry_after:?}"),
+//!     Begin::Mismatch => println!("key reused for another request"),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! ## How it works
+//!
+//! - **One statement per call.** [`Store::begin`] is a single `INSERT … ON CONFLICT … DO
+//!   UPDATE … WHERE expires_at <= now() RETURNING` (inside a CTE that also reads the live
+//!   record when the claim did not happen), so of any number of concurrent `begin`s of a key
+//!   exactly one acquires it. `complete`, `release` and `renew` are one `UPDATE` each whose
+//!   `WHERE` checks the fencing token, the in-flight state and that the lease has not ended;
+//!   when no row matches the caller gets [`StoreError::LeaseLost`].
+//! - **Round trips** (measured by `tests/round_trips.rs`): once a statement is prepared on
+//!   a connection (its first use there costs one more), each call is one round trip, so
+//!   `begin` + `complete` cost two. After each call sqlx also pings the connection as it
+//!   returns it to the pool, in the background: the caller does not wait for it, but the
+//!   connection is busy for that extra exchange, which matters when sizing the pool. Under
+//!   contention, a `begin` that waited on another session's claim of the same key runs
+//!   its statement once more (READ COMMITTED: its snapshot predates that commit).
+//! - **The server's clock.** Every lease and retention is measured with the database's
+//!   `now()`, so gateways with skewed clocks agree. Durations are sent as intervals (with
+//!   microsecond precision; anything beyond 100 years is clamped to 100 years).
+//! - **Fencing tokens** come from a sequence (`<table>_token_seq`), so they grow per key
+//!   across takeovers, releases and expiry: a takeover draws its token while it holds the
+//!   row lock, and a released record stays in place (expired) until it is swept. After an
+//!   explicit [`Store::delete`] or a sweep, a new claim's token is larger than every token
+//!   drawn before its statement started.
+//! - **Expired records** read as absent at once. They are deleted by [`Store::sweep`] in
+//!   bounded batches (`FOR UPDATE SKIP LOCKED`, oldest first, using the index on
+//!   `expires_at`); a sweep takes a transaction-scoped advisory lock named after the table
+//!   (`pg_try_advisory_xact_lock(hashtextextended('idem-postgres sweep <table>', 0))`), so
+//!   of many gateways only one sweeps at a time and the others return `Ok(0)` at once. Run
+//!   [`PostgresStore::spawn_sweeper`] (or [`idem::spawn_sweeper`]) in every gateway.
+//!
+//! ## The table and its migrations
+//!
+//! The table name is configurable ([`PostgresOptions::table`], default `idem_records`,
+//! optionally `schema.table`); it is validated (lowercase ASCII letters, digits and `_`) and
+//! always quoted. Beside it live the sequence `<table>_token_seq`, the index
+//! `<table>_expires_at_idx` and, in the same schema, `idem_schema_versions`, which records
+//! each records table's schema version. Since the DDL depends on the name, migrations are
+//! generated from it rather than read from static files: at startup, inside one
+//! transaction holding an advisory lock (so gateways starting together do not race), the
+//! store applies the steps past the recorded version; when the table is current it only
+//! reads the version and needs no DDL privilege. Users who run their own migrations set
+//! [`PostgresOptions::run_migrations`] to `false` and apply
+//! [`PostgresOptions::migration_script`]; the store then only checks that the table exists.
+//!
+//! ## Durability and replication
+//!
+//! `complete` returns after Postgres committed. That commit survives a crash of the database
+//! server only with `synchronous_commit = on` (the default); with it `off` (or `local`
+//! towards replicas) a server crash may lose the last acknowledged records, and a retry of
+//! such a key runs again. With asynchronous streaming replication, a failover to a replica
+//! may lose writes the old primary acknowledged; use synchronous replication
+//! (`synchronous_standby_names` with `synchronous_commit = remote_apply` or `on`) if a
+//! completed key must survive failover.
+//!
+//! ## Connections
+//!
+//! Postgres 11 or newer is needed (tested on 15).
+//!
+//! The store opens a pool of its own ([`PostgresOptions`]) or uses yours
+//! ([`PostgresStore::from_pool`]). Its sessions run at READ COMMITTED (the statements are
+//! written for it) with an optional `statement_timeout`; both are sent as startup
+//! parameters, which PgBouncer in transaction mode does not forward: behind such a pooler,
+//! set them on the role instead. TLS needs one of sqlx's TLS features (for example
+//! `tls-rustls`), which you enable on the re-exported [`sqlx`] in your own `Cargo.toml`.
+
+mod schema;
+mod statements;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use idem::{
+    Begin, Fingerprint, Lease, Record, RecordState, ScopedKey, Store, StoreError, Stored, Token,
+};
+use sqlx::postgres::types::PgInterval;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgPool, Row};
+
+pub use sqlx;
+
+use crate::schema::TableName;
+use crate::statements::Statements;
+
+/// The table name used unless [`PostgresOptions::table`] says otherwise.
+pub const DEFAULT_TABLE: &str = "idem_records";
+
+/// How many times `begin` runs its statement again when a concurrent commit hid the
+/// record from its snapshot (each retry takes a fresh snapshot; one is almost always enough).
+const BEGIN_ATTEMPTS: usize = 8;
+
+/// Durations are clamped to this, so `now() + duration` stays within timestamptz's range.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Why a store could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The configured table name is not a plain SQL identifier.
+    #[error("invalid table name {name:?}: {reason}")]
+    InvalidTable {
+        /// The name as configured.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The connection URL could not be parsed.
+    #[error("invalid Postgres URL")]
+    InvalidUrl(#[source] sqlx::Error),
+    /// The database could not be reached, or refused the connection.
+    #[error("cannot connect to Postgres")]
+    Connect(#[source] sqlx::Error),
+    /// Creating or upgrading the records table failed.
+    #[error("cannot migrate the idem records table {table}")]
+    Migrate {
+        /// The table, as configured.
+        table: String,
+        /// The database's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Migrations were skipped but the table (or its token sequence) does not exist.
+    #[error(
+        "the idem records table {table} (or its sequence) does not exist; run the migration \
+         script or enable run_migrations"
+    )]
+    MissingTable {
+        /// The table, as configured.
+        table: String,
+    },
+}
+
+/// How to set up a [`PostgresStore`]; the defaults suit a gateway.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_postgres::PostgresOptions;
+///
+/// let options = PostgresOptions::new()
+///     .table("idem.records")
+///     .run_migrations(false)
+///     .max_connections(32)
+///     .acquire_timeout(Duration::from_secs(2))
+///     .statement_timeout(Some(Duration::from_secs(5)));
+/// let ddl = options.migration_script().unwrap();
+/// assert!(ddl.contains("CREATE TABLE IF NOT EXISTS \"idem\".\"records\""));
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    table: String,
+    run_migrations: bool,
+    max_connections: u32,
+    min_connections: u32,
+    acquire_timeout: Duration,
+    statement_timeout: Option<Duration>,
+    ping_idle_after: Option<Duration>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            table: DEFAULT_TABLE.to_owned(),
+            run_migrations: true,
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Some(Duration::from_secs(10)),
+            ping_idle_after: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// The defaults: table `idem_records`, migrations on, 10 connections, 5 s to get a
+    /// connection, 10 s statement timeout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The records table: `name` or `schema.name`, lowercase ASCII letters, digits and `_`,
+    /// at most 48 characters for the name. Checked when the store is set up.
+    pub fn table(mut self, name: impl Into<String>) -> Self {
+        self.table = name.into();
+        self
+    }
+
+    /// Whether to create or upgrade the table at startup (default `true`). When `false`, the
+    /// store only checks that the table exists; apply [`Self::migration_script`] yourself.
+    pub fn run_migrations(mut self, run: bool) -> Self {
+        self.run_migrations = run;
+        self
+    }
+
+    /// The most connections the store's pool opens (default 10).
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// Connections the pool keeps open even when idle (default 0).
+    pub fn min_connections(mut self, min: u32) -> Self {
+        self.min_connections = min;
+        self
+    }
+
+    /// How long a call may wait for a pooled connection, including opening one (default
+    /// 5 s). When the database is unreachable, calls fail with [`StoreError::Backend`]
+    /// after at most this long.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Postgres' `statement_timeout` for the store's sessions (default 10 s; `None` leaves
+    /// the server's setting).
+    pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// Pings a pooled connection before use when it has been idle this long (default
+    /// 30 s; `None` never pings). A ping costs a round trip; without it a connection the
+    /// server dropped fails one call.
+    pub fn ping_idle_after(mut self, idle: Option<Duration>) -> Self {
+        self.ping_idle_after = idle;
+        self
+    }
+
+    /// The SQL that creates the table at the current schema version, in one transaction,
+    /// for those who run migrations themselves.
+    pub fn migration_script(&self) -> Result<String, ConnectError> {
+        Ok(TableName::parse(&self.table)?.script())
+    }
+
+    fn pool_options(&self) -> PgPoolOptions {
+        let mut pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .min_connections(self.min_connections.min(self.max_connections))
+            .acquire_timeout(self.acquire_timeout)
+            .test_before_acquire(false);
+        if let Some(idle) = self.ping_idle_after {
+            pool = pool.before_acquire(move |conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= idle {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            });
+        }
+        pool
+    }
+
+    fn connect_options(&self, url: &str) -> Result<PgConnectOptions, ConnectError> {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some(s) if s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql"))
+        {
+            return Err(ConnectError::InvalidUrl(sqlx::Error::Configuration(
+                "the URL must start with postgres:// or postgresql://".into(),
+            )));
+        }
+        let mut options: PgConnectOptions = url.parse().map_err(ConnectError::InvalidUrl)?;
+        if options.get_application_name().is_none() {
+            options = options.application_name("idem-postgres");
+        }
+        options = options.options([("default_transaction_isolation", "read committed")]);
+        if let Some(timeout) = self.statement_timeout {
+            options = options.options([(
+                "statement_timeout",
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            )]);
+        }
+        Ok(options)
+    }
+}
+
+/// The Postgres store. See the [crate docs](crate). Clones share one pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    table: Arc<TableName>,
+    sql: Arc<Statements>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.table.display())
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects with default [`PostgresOptions`] and creates or upgrades the table
+    /// `idem_records`.
+    pub async fn connect(url: &str) -> Result<Self, ConnectError> {
+        Self::connect_with(url, &PostgresOptions::default()).await
+    }
+
+    /// Connects, then runs migrations (or, with them off, checks that the table exists).
+    pub async fn connect_with(url: &str, options: &PostgresOptions) -> Result<Self, ConnectError> {
+        let table = TableName::parse(&options.table)?;
+        let pool = options
+            .pool_options()
+            .connect_with(options.connect_options(url)?)
+            .await
+            .map_err(ConnectError::Connect)?;
+        Self::setup(pool, table, options.run_migrations).await
+    }
+
+    /// Builds the store without connecting: nothing is checked or migrated, and the first
+    /// call opens the first connection. For services that must start while the database is
+    /// down; calls then fail with [`StoreError::Backend`] until it is up.
+    pub fn connect_lazy_with(url: &str, options: &PostgresOptions) -> Result<Self, ConnectError> {
+        let table = TableName::parse(&options.table)?;
+        let pool = options
+            .pool_options()
+            .connect_lazy_with(options.connect_options(url)?);
+        Ok(Self::assemble(pool, table))
+    }
+
+    /// Uses a pool you built (for TLS or socket settings, or to share connections). Only the
+    /// table and migration settings of `options` apply. The pool's sessions should run at
+    /// READ COMMITTED, Postgres' default.
+    pub async fn from_pool(pool: PgPool, options: &PostgresOptions) -> Result<Self, ConnectError> {
+        let table = TableName::parse(&options.table)?;
+        Self::setup(pool, table, options.run_migrations).await
+    }
+
+    async fn setup(pool: PgPool, table: TableName, migrate: bool) -> Result<Self, ConnectError> {
+        if migrate {
+            schema::migrate(&pool, &table).await?;
+        } else {
+            schema::check_exists(&pool, &table).await?;
+        }
+        Ok(Self::assemble(pool, table))
+    }
+
+    fn assemble(pool: PgPool, table: TableName) -> Self {
+        Self {
+            sql: Arc::new(Statements::new(&table)),
+            table: Arc::new(table),
+            pool,
+        }
+    }
+
+    /// Creates or upgrades the table now (what setup does unless migrations are off).
+    pub async fn migrate(&self) -> Result<(), ConnectError> {
+        schema::migrate(&self.pool, &self.table).await
+    }
+
+    /// The pool the store uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The records table, as configured (`name` or `schema.name`).
+    pub fn table(&self) -> String {
+        self.table.display()
+    }
+
+    /// Sweeps expired records every `every`, `batch` at a time, until the handle is aborted
+    /// (see [`idem::spawn_sweeper`]). Safe to run in every gateway: only one sweeps at a time.
+    /// Must be called within a Tokio runtime.
+    pub fn spawn_sweeper(&self, every: Duration, batch: usize) -> tokio::task::JoinHandle<()> {
+        idem::spawn_sweeper(self.clone(), every, batch)
+    }
+
+    /// Closes the pool's connections, waiting for calls in progress.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn interval(duration: Duration) -> PgInterval {
+    PgInterval {
+        months: 0,
+        days: 0,
+        // MAX_DURATION in microseconds fits an i64 many times over.
+        microseconds: i64::try_from(duration.min(MAX_DURATION).as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+fn token_param(token: Token) -> i64 {
+    // Tokens come from a bigint sequence; one that does not fit matches no row.
+    i64::try_from(token.get()).unwrap_or(-1)
+}
+
+fn time_of(micros: i64) -> SystemTime {
+    let offset = Duration::from_micros(micros.unsigned_abs());
+    if micros >= 0 {
+        UNIX_EPOCH + offset
+    } else {
+        UNIX_EPOCH.checked_sub(offset).unwrap_or(UNIX_EPOCH)
+    }
+}
+
+fn token_of(value: i64) -> Result<Token, StoreError> {
+    u64::try_from(value)
+        .map(Token::new)
+        .map_err(|_| StoreError::corrupt(format!("negative token {value}")))
+}
+
+fn fingerprint_of(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(Fingerprint::from_bytes)
+        .map_err(|_| StoreError::corrupt(format!("fingerprint of {} bytes", bytes.len())))
+}
+
+fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(name).map_err(StoreError::corrupt)
+}
+
+fn outcome_of(row: &PgRow) -> Result<Arc<Stored>, StoreError> {
+    let bytes: Option<&[u8]> = column(row, "outcome")?;
+    let bytes = bytes.ok_or_else(|| StoreError::corrupt("completed record without outcome"))?;
+    Ok(Arc::new(Stored::decode(bytes)?))
+}
+
+impl PostgresStore {
+    async fn begin_once(
+        &self,
+        id: &[u8],
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        lease: PgInterval,
+    ) -> Result<Option<Begin>, StoreError> {
+        let row = sqlx::query(self.sql.begin.clone())
+            .bind(id)
+            .bind(key.scope().as_str())
+            .bind(key.key().as_str())
+            .bind(fingerprint.as_bytes().as_slice())
+            .bind(lease)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::backend("begin", e))?;
+        let Some(row) = row else { return Ok(None) };
+        let expires_at = time_of(column(&row, "expires_us")?);
+        if column(&row, "acquired")? {
+            return Ok(Some(Begin::Acquired(Lease {
+                token: token_of(column(&row, "token")?)?,
+                expires_at,
+            })));
+        }
+        if !column::<bool>(&row, "same_fingerprint")? {
+            return Ok(Some(Begin::Mismatch));
+        }
+        if column(&row, "completed")? {
+            return Ok(Some(Begin::Completed {
+                stored: outcome_of(&row)?,
+                expires_at,
+            }));
+        }
+        let now = time_of(column(&row, "now_us")?);
+        let left = expires_at.duration_since(now).unwrap_or_default();
+        Ok(Some(Begin::InFlight {
+            retry_after: left.max(Duration::from_millis(1)),
+        }))
+    }
+}
+
+/// `begin` kept finding the record hidden from its snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("begin found no claimable and no visible record after {BEGIN_ATTEMPTS} attempts")]
+struct BeginContended;
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn begin(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let id = key.digest();
+        let lease = interval(lease);
+        for attempt in 1..=BEGIN_ATTEMPTS {
+            if let Some(answer) = self.begin_once(&id, key, fingerprint, lease).await? {
+                return Ok(answer);
+            }
+            tracing::debug!(?key, attempt, "begin raced a concurrent commit; retrying");
+        }
+        Err(StoreError::backend("begin", BeginContended))
+    }
+
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        token: Token,
+        stored: &Stored,
+        retain: Duration,
+    ) -> Result<SystemTime, StoreError> {
+        let expires_us: Option<i64> = sqlx::query_scalar(self.sql.complete.clone())
+            .bind(key.digest().as_slice())
+            .bind(token_param(token))
+            .bind(stored.encode())
+            .bind(interval(retain))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::backend("complete", e))?;
+        expires_us.map(time_of).ok_or(StoreError::LeaseLost)
+    }
+
+    async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
+        let done = sqlx::query(self.sql.release.clone())
+            .bind(key.digest().as_slice())
+            .bind(token_param(token))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::backend("release", e))?;
+        if done.rows_affected() == 0 {
+            Err(StoreError::LeaseLost)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &ScopedKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Lease, StoreError> {
+        let expires_us: Option<i64> = sqlx::query_scalar(self.sql.renew.clone())
+            .bind(key.digest().as_slice())
+            .bind(token_param(token))
+            .bind(interval(lease))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::backend("renew", e))?;
+        let expires_at = expires_us.map(time_of).ok_or(StoreError::LeaseLost)?;
+        Ok(Lease { token, expires_at })
+    }
+
+    async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(self.sql.get.clone())
+            .bind(key.digest().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::backend("get", e))?;
+        let Some(row) = row else { return Ok(None) };
+        let expires_at = time_of(column(&row, "expires_us")?);
+        let state = if column(&row, "completed")? {
+            RecordState::Completed {
+                stored: outcome_of(&row)?,
+                expires_at,
+            }
+        } else {
+            RecordState::InFlight {
+                lease_expires_at: expires_at,
+            }
+        };
+        Ok(Some(Record {
+            fingerprint: fingerprint_of(column(&row, "fingerprint")?)?,
+            token: token_of(column(&row, "token")?)?,
+            state,
+        }))
+    }
+
+    async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
+        let live: Option<bool> = sqlx::query_scalar(self.sql.delete.clone())
+            .bind(key.digest().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::backend("delete", e))?;
+        Ok(live.unwrap_or(false))
+    }
+
+    async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let failed = |e| StoreError::backend("sweep", e);
+        let mut tx = self.pool.begin().await.map_err(failed)?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(self.table.sweep_lock())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(failed)?;
+        if !locked {
+            // Another gateway is sweeping this table right now.
+            tx.rollback().await.map_err(failed)?;
+            return Ok(0);
+        }
+        let removed = sqlx::query(self.sql.sweep.clone())
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?
+            .rows_affected();
+        tx.commit().await.map_err(failed)?;
+        if removed > 0 {
+            tracing::debug!(table = %self.table.display(), removed, "swept expired records");
+        }
+        Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+    }
+}
