@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem::{MemoryStore, Store};
+use idem_postgres::{PostgresOptions, PostgresStore};
 use idem_redb::RedbStore;
 use idem_redis::{RedisOptions, RedisStore};
 
@@ -35,6 +36,10 @@ pub enum StoreUrl {
     /// every gateway that names it. A `?prefix=NAME` query sets the key prefix (default
     /// `idem`), so several deployments can share one Redis.
     Redis(String),
+    /// `postgres://user@host:port/db` (also `postgresql://`): shared by every gateway
+    /// that names it. A `?table=NAME` query sets the table (default `idem_records`,
+    /// optionally `schema.table`); migrations run at startup.
+    Postgres(String),
 }
 
 /// Why a store URL is unusable.
@@ -43,7 +48,7 @@ pub enum StoreUrlError {
     /// An unknown or malformed URL.
     #[error(
         "`{0}` is not a store URL; use `memory:`, `redb:PATH`, `redis://host:port` or \
-         `redis+cluster://host:port,host:port`"
+         `redis+cluster://host:port,host:port` or `postgres://user@host/db`"
     )]
     Unknown(String),
     /// `redb:` without a path.
@@ -55,6 +60,9 @@ pub enum StoreUrlError {
     /// The Redis store could not connect.
     #[error("cannot connect to the Redis store")]
     Redis(#[source] idem_redis::ConnectError),
+    /// The Postgres store could not connect or migrate.
+    #[error("cannot connect to the Postgres store")]
+    Postgres(#[source] idem_postgres::ConnectError),
 }
 
 impl std::str::FromStr for StoreUrl {
@@ -66,6 +74,9 @@ impl std::str::FromStr for StoreUrl {
         }
         if url.starts_with("redis://") || url.starts_with("redis+cluster://") {
             return Ok(Self::Redis(url.to_owned()));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_owned()));
         }
         let path = url
             .strip_prefix("redb://")
@@ -83,7 +94,7 @@ impl std::fmt::Display for StoreUrl {
         match self {
             Self::Memory => f.write_str("memory:"),
             Self::Redb(path) => write!(f, "redb:{}", path.display()),
-            Self::Redis(url) => f.write_str(&redact(url)),
+            Self::Redis(url) | Self::Postgres(url) => f.write_str(&redact(url)),
         }
     }
 }
@@ -112,6 +123,22 @@ impl StoreUrl {
                         .await
                         .map_err(StoreUrlError::Redis)?,
                 )
+            }
+            Self::Postgres(url) => {
+                let (url, table) = take_param(url, "table");
+                // Fail closed quickly, as with Redis' command timeout, when no connection can
+                // be had.
+                let mut options =
+                    PostgresOptions::default().acquire_timeout(Duration::from_secs(2));
+                if let Some(table) = table {
+                    options = options.table(table);
+                }
+                let store = PostgresStore::connect_with(&url, &options)
+                    .await
+                    .map_err(StoreUrlError::Postgres)?;
+                // Every gateway sweeps; an advisory lock lets one at a time do the work.
+                idem::spawn_sweeper(store.clone(), Duration::from_secs(5), 1000);
+                Arc::new(store)
             }
         })
     }

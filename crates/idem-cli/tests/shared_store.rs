@@ -172,6 +172,50 @@ async fn three_gateways_on_one_redis_act_as_one() {
     three_gateways_act_as_one(&format!("{}/?prefix={}", redis_url(), prefix.0)).await;
 }
 
+fn postgres_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A schema of our own for the test's table, dropped when the test ends.
+struct PostgresSchema(String);
+
+impl PostgresSchema {
+    fn new(test: &str) -> Self {
+        let schema = format!("idem_test_{test}_{}", unique() % 1_000_000_007);
+        psql(&format!("CREATE SCHEMA {schema}"));
+        Self(schema)
+    }
+}
+
+impl Drop for PostgresSchema {
+    fn drop(&mut self) {
+        psql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
+    }
+}
+
+fn psql(sql: &str) {
+    let status = std::process::Command::new("psql")
+        .args([
+            postgres_url().as_str(),
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("psql runs");
+    assert!(status.success(), "psql failed: {sql}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_gateways_on_one_postgres_act_as_one() {
+    let schema = PostgresSchema::new("many");
+    three_gateways_act_as_one(&format!("{}?table={}.records", postgres_url(), schema.0)).await;
+}
+
 /// A TCP relay the test controls, standing between the gateways and the store: cut, it
 /// closes every connection and refuses new ones.
 struct Cable {
@@ -230,16 +274,13 @@ impl Cable {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_redis_outage_fails_closed_and_heals_without_duplicates() {
-    let prefix = RedisPrefix::new("outage");
-    let redis: SocketAddr = redis_url()
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("REDIS_URL of the form redis://host:port");
-    let cable = Cable::to(redis).await;
-    let store = format!("redis://{}/?prefix={}", cable.addr, prefix.0);
+/// The store at `store_for(relay address)` goes away mid-run and comes back.
+async fn an_outage_fails_closed_and_heals(
+    target: SocketAddr,
+    store_for: impl Fn(SocketAddr) -> String,
+) {
+    let cable = Cable::to(target).await;
+    let store = store_for(cable.addr);
     let upstream = Upstream::start().await;
     let gateways: Vec<ServeProcess> = (0..2)
         .map(|_| ServeProcess::start_on(&upstream, &store, &[]))
@@ -298,4 +339,39 @@ async fn a_redis_outage_fails_closed_and_heals_without_duplicates() {
     for n in 0..=4 {
         assert_eq!(upstream.count(&format!("out-{n}")), 1);
     }
+}
+
+fn host_port(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let host = rest.split(['/', '?']).next().unwrap_or(rest);
+    host.parse().expect("a store URL with a numeric host:port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_outage_fails_closed_and_heals_without_duplicates() {
+    let prefix = RedisPrefix::new("outage");
+    an_outage_fails_closed_and_heals(host_port(&redis_url()), |relay| {
+        format!("redis://{relay}/?prefix={}", prefix.0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_outage_fails_closed_and_heals_without_duplicates() {
+    let schema = PostgresSchema::new("outage");
+    let url = postgres_url();
+    let (user, database) = (
+        url.split_once("://")
+            .and_then(|(_, r)| r.split_once('@'))
+            .map_or("postgres", |(u, _)| u),
+        url.rsplit_once('/').map_or("test", |(_, db)| db),
+    );
+    an_outage_fails_closed_and_heals(host_port(&url), |relay| {
+        format!(
+            "postgres://{user}@{relay}/{database}?table={}.records",
+            schema.0
+        )
+    })
+    .await;
 }
