@@ -4,66 +4,12 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use axum::body::Body;
 use common::*;
 use http::Request;
-use idem::{Begin, Fingerprint, Lease, Record, ScopedKey, Store, StoreError, Stored, Token};
 
-/// A store whose every call fails, as an unreachable backend does.
-#[derive(Debug, Default)]
-struct FailingStore {
-    calls: AtomicU64,
-}
-
-impl FailingStore {
-    fn fail(&self, operation: &'static str) -> StoreError {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        StoreError::backend(
-            operation,
-            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"),
-        )
-    }
-}
-
-#[async_trait]
-impl Store for FailingStore {
-    async fn begin(
-        &self,
-        _: &ScopedKey,
-        _: &Fingerprint,
-        _: Duration,
-    ) -> Result<Begin, StoreError> {
-        Err(self.fail("begin"))
-    }
-    async fn complete(
-        &self,
-        _: &ScopedKey,
-        _: Token,
-        _: &Stored,
-        _: Duration,
-    ) -> Result<SystemTime, StoreError> {
-        Err(self.fail("complete"))
-    }
-    async fn release(&self, _: &ScopedKey, _: Token) -> Result<(), StoreError> {
-        Err(self.fail("release"))
-    }
-    async fn renew(&self, _: &ScopedKey, _: Token, _: Duration) -> Result<Lease, StoreError> {
-        Err(self.fail("renew"))
-    }
-    async fn get(&self, _: &ScopedKey) -> Result<Option<Record>, StoreError> {
-        Err(self.fail("get"))
-    }
-    async fn delete(&self, _: &ScopedKey) -> Result<bool, StoreError> {
-        Err(self.fail("delete"))
-    }
-    async fn sweep(&self, _: usize) -> Result<usize, StoreError> {
-        Err(self.fail("sweep"))
-    }
-}
+use idem::testing::FailingStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_store_is_503_with_retry_after_and_the_upstream_is_never_called() {
@@ -79,7 +25,7 @@ async fn a_failing_store_is_503_with_retry_after_and_the_upstream_is_never_calle
         assert_eq!(answer.retry_after(), 1);
     }
     assert_eq!(upstream.total(), 0, "a request ran without its key claimed");
-    assert!(store.calls.load(Ordering::SeqCst) >= 2);
+    assert!(store.calls() >= 2);
     let errors: u64 = gateway
         .gateway
         .stats()

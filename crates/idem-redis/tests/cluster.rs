@@ -180,16 +180,6 @@ async fn subject(url: &str) -> Subject<RedisStore> {
     Subject::new(store, TimeTravel::Real)
 }
 
-/// Runs the named conformance cases in order, each on a fresh subject.
-macro_rules! conformance {
-    ($url:expr; $($case:ident),+ $(,)?) => {
-        $(
-            eprintln!("cluster conformance: {}", stringify!($case));
-            idem::testing::$case(subject($url).await).await;
-        )+
-    };
-}
-
 #[test]
 fn redis_cluster_passes_the_conformance_suite() {
     let cluster = Cluster::start();
@@ -200,25 +190,7 @@ fn redis_cluster_passes_the_conformance_suite() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        // The same cases, in the same order, as `idem::conformance_suite!`.
-        conformance!(&url;
-            single_begin,
-            concurrent_begin_has_one_winner,
-            replay_after_complete,
-            fingerprint_mismatch,
-            in_flight_retry_after,
-            lease_expiry_takeover,
-            stale_token_is_fenced,
-            complete_after_lease_end_is_rejected,
-            renew_extends_the_lease,
-            release_then_begin_again,
-            retention_expiry,
-            sweep_keeps_live_records,
-            delete_forgets,
-            scopes_are_isolated,
-            long_and_odd_keys,
-            large_and_binary_outcomes,
-        );
+        idem::conformance_sequence!(|| subject(&url)).await;
         records_spread_over_every_primary(&cluster, &url).await;
         scripts_are_loaded_again_on_every_primary(&url).await;
     });

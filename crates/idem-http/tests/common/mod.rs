@@ -9,9 +9,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -23,8 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use idem::{Begin, Fingerprint, Lease, MemoryStore, Record, ScopedKey, Store, StoreError};
-use idem::{Stored, Token};
+use idem::{MemoryStore, Store};
 use idem_http::{Idempotency, IdempotencyLayer, IdempotencyPolicy, IdempotencyStats};
 use tower::{Layer, Service, ServiceExt};
 
@@ -258,58 +256,6 @@ pub fn post(path: &str, key: &str, body: &str) -> http::request::Builder {
 
 pub fn with_body(builder: http::request::Builder, body: &str) -> Request<Body> {
     builder.body(Body::from(body.to_owned())).unwrap()
-}
-
-/// A store whose every call fails, as an unreachable backend does.
-#[derive(Debug, Default, Clone)]
-pub struct FailingStore {
-    pub calls: Arc<AtomicU64>,
-}
-
-impl FailingStore {
-    fn fail(&self, operation: &'static str) -> StoreError {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        StoreError::backend(
-            operation,
-            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"),
-        )
-    }
-}
-
-#[async_trait]
-impl Store for FailingStore {
-    async fn begin(
-        &self,
-        _: &ScopedKey,
-        _: &Fingerprint,
-        _: Duration,
-    ) -> Result<Begin, StoreError> {
-        Err(self.fail("begin"))
-    }
-    async fn complete(
-        &self,
-        _: &ScopedKey,
-        _: Token,
-        _: &Stored,
-        _: Duration,
-    ) -> Result<SystemTime, StoreError> {
-        Err(self.fail("complete"))
-    }
-    async fn release(&self, _: &ScopedKey, _: Token) -> Result<(), StoreError> {
-        Err(self.fail("release"))
-    }
-    async fn renew(&self, _: &ScopedKey, _: Token, _: Duration) -> Result<Lease, StoreError> {
-        Err(self.fail("renew"))
-    }
-    async fn get(&self, _: &ScopedKey) -> Result<Option<Record>, StoreError> {
-        Err(self.fail("get"))
-    }
-    async fn delete(&self, _: &ScopedKey) -> Result<bool, StoreError> {
-        Err(self.fail("delete"))
-    }
-    async fn sweep(&self, _: usize) -> Result<usize, StoreError> {
-        Err(self.fail("sweep"))
-    }
 }
 
 /// An inner service that always fails, as a proxy to an unreachable upstream does.

@@ -636,7 +636,39 @@ pub async fn large_and_binary_outcomes<S: Store>(subject: Subject<S>) {
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:ident) => {
-        $crate::conformance_suite!(@cases $make;
+        $crate::__conformance_cases!(@tests $make);
+    };
+}
+
+/// Runs every case of the conformance suite one after another, each on a fresh subject from
+/// `$make` (an async function or closure returning [`Subject`]): for a backend whose
+/// server the test starts once and shares, such as a Redis Cluster. Evaluates to a future.
+///
+/// ```
+/// use idem::testing::{Subject, TimeTravel};
+/// use idem::{ManualClock, MemoryStore};
+///
+/// # #[tokio::main] async fn main() {
+/// let make = || async {
+///     let clock = ManualClock::new();
+///     Subject::new(MemoryStore::with_clock(clock.clone()), TimeTravel::Manual(clock))
+/// };
+/// idem::conformance_sequence!(make).await;
+/// # }
+/// ```
+#[macro_export]
+macro_rules! conformance_sequence {
+    ($make:expr) => {
+        $crate::__conformance_cases!(@sequence ($make))
+    };
+}
+
+/// The one list of conformance cases, handed to the emitter in the mode asked for.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    (@$mode:ident $make:tt) => {
+        $crate::__conformance_emit! { @$mode [$make]
             single_begin,
             concurrent_begin_has_one_winner,
             replay_after_complete,
@@ -653,9 +685,14 @@ macro_rules! conformance_suite {
             scopes_are_isolated,
             long_and_odd_keys,
             large_and_binary_outcomes,
-        );
+        }
     };
-    (@cases $make:ident; $($case:ident),+ $(,)?) => {
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_emit {
+    (@tests [$make:ident] $($case:ident),+ $(,)?) => {
         mod conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -665,4 +702,86 @@ macro_rules! conformance_suite {
             )+
         }
     };
+    (@sequence [$make:expr] $($case:ident),+ $(,)?) => {
+        async {
+            $(
+                $crate::testing::$case(($make)().await).await;
+            )+
+        }
+    };
+}
+
+/// A store whose every call fails as an unreachable backend's would, with a
+/// [`StoreError::Backend`]; it counts the calls. For testing what sits above a store.
+///
+/// ```
+/// use idem::testing::{FailingStore, scoped, fingerprint};
+/// use idem::{Store, StoreError};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let store = FailingStore::default();
+/// let answer = store.begin(&scoped("k"), &fingerprint("a"), std::time::Duration::from_secs(1)).await;
+/// assert!(matches!(answer, Err(StoreError::Backend { .. })));
+/// assert_eq!(store.calls(), 1);
+/// # }
+/// ```
+#[derive(Debug, Default, Clone)]
+pub struct FailingStore {
+    calls: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FailingStore {
+    /// How many calls were made, across clones.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn fail(&self, operation: &'static str) -> StoreError {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        StoreError::backend(
+            operation,
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"),
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FailingStore {
+    async fn begin(
+        &self,
+        _: &ScopedKey,
+        _: &Fingerprint,
+        _: Duration,
+    ) -> Result<Begin, StoreError> {
+        Err(self.fail("begin"))
+    }
+    async fn complete(
+        &self,
+        _: &ScopedKey,
+        _: crate::Token,
+        _: &Stored,
+        _: Duration,
+    ) -> Result<SystemTime, StoreError> {
+        Err(self.fail("complete"))
+    }
+    async fn release(&self, _: &ScopedKey, _: crate::Token) -> Result<(), StoreError> {
+        Err(self.fail("release"))
+    }
+    async fn renew(
+        &self,
+        _: &ScopedKey,
+        _: crate::Token,
+        _: Duration,
+    ) -> Result<crate::Lease, StoreError> {
+        Err(self.fail("renew"))
+    }
+    async fn get(&self, _: &ScopedKey) -> Result<Option<crate::Record>, StoreError> {
+        Err(self.fail("get"))
+    }
+    async fn delete(&self, _: &ScopedKey) -> Result<bool, StoreError> {
+        Err(self.fail("delete"))
+    }
+    async fn sweep(&self, _: usize) -> Result<usize, StoreError> {
+        Err(self.fail("sweep"))
+    }
 }
