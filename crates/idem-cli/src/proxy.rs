@@ -14,7 +14,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// Where requests go: scheme, authority and a base path prefixed to every request's path.
 #[derive(Debug, Clone)]
@@ -134,6 +134,8 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         let client = Client::builder(TokioExecutor::new())
+            // Without a timer the idle timeout is never enforced.
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .build(connector);

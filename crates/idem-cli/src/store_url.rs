@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use idem::SystemClock;
 use idem::{MemoryStore, Store};
 use idem_postgres::{PostgresOptions, PostgresStore};
-use idem_redb::RedbStore;
+use idem_redb::{RedbOptions, RedbStore};
 use idem_redis::{RedisOptions, RedisStore};
 
 /// A parsed store URL.
@@ -110,7 +111,10 @@ impl StoreUrl {
                 store
             }
             // redb sweeps on its own writer thread.
-            Self::Redb(path) => Arc::new(RedbStore::open(path).map_err(StoreUrlError::Open)?),
+            Self::Redb(path) => Arc::new(
+                RedbStore::open_with(path, SystemClock, gateway_redb_options())
+                    .map_err(StoreUrlError::Open)?,
+            ),
             // Redis expires records by itself: no sweeper.
             Self::Redis(url) => {
                 let (url, prefix) = take_param(url, "prefix");
@@ -201,5 +205,14 @@ mod tests {
             take_param("redis://h:1", "prefix"),
             ("redis://h:1".to_owned(), None)
         );
+    }
+}
+
+/// The gateway's redb tuning: a 16 MiB page cache keeps its memory small; the operating
+/// system's page cache holds the rest of a busy file.
+fn gateway_redb_options() -> RedbOptions {
+    RedbOptions {
+        cache_size: 16 << 20,
+        ..RedbOptions::default()
     }
 }

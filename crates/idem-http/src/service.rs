@@ -244,7 +244,8 @@ where
         // The claim and the run share one task, so a client that goes away at any point
         // after this cannot leave a claimed key behind or cancel the inner call.
         let running = shared.stats.enter();
-        let claim = attempt(Arc::clone(&shared), key.clone(), fingerprint, job);
+        // Boxed so that spawning moves a pointer, not the whole (large) future.
+        let claim = Box::pin(attempt(Arc::clone(&shared), key.clone(), fingerprint, job));
         let task = tokio::spawn(async move {
             let attempt = claim.await;
             drop(running);
