@@ -1,0 +1,414 @@
+//! NATS JetStream: exactly-once effects for pull or push consumers with explicit acks.
+//!
+//! [`JetStreamConsumer::handle`] takes one delivered [`Message`] and a handler, runs the
+//! handler through a [`Deduplicator`] and then tells the server what became of it:
+//!
+//! | outcome | sent to the server |
+//! |---|---|
+//! | processed now ([`Outcome::Processed`]) | `+ACK`, only after the outcome is stored |
+//! | duplicate of a completed message | `+ACK` (the handler does not run) |
+//! | held by another consumer | `-NAK` with a delay: the holder's lease time left, within [`RetryPolicy::in_flight_min`]..[`RetryPolicy::in_flight_max`] |
+//! | transient handler error, store error, lease lost | `-NAK` with [`RetryPolicy::backoff`] of the delivery count |
+//! | permanent error, or any error on delivery ≥ `max_deliveries`, or id re-used with another payload | dead-letter record, then `+TERM` |
+//! | duplicate of a message that was dead-lettered | dead-letter record ensured, then `+TERM` |
+//! | handler still running | `+WPI` (progress) every [`JetStreamOptions::progress_every`], so `AckWait` never expires under it |
+//!
+//! The delivery count is the server's (`delivered` in the message's ack metadata). Give the
+//! consumer a server-side `max_deliver` above [`RetryPolicy::max_deliveries`] (or `-1`) so
+//! the last delivery reaches the handler and can be dead-lettered; the server's limit then
+//! only stops messages that crash the process before any outcome is stored.
+//!
+//! **Dead letters** are records in the [`Store`], under the deduplicator's dead-letter scope
+//! (read them with [`Deduplicator::dead_letter_record`]). With
+//! [`JetStreamOptions::dead_letter_subject`] the message is also published there, with its
+//! id as `Nats-Msg-Id` and `Idem-Dead-Letter-*` headers, for a DLQ stream to keep.
+//!
+//! **Message ids** come from the `Nats-Msg-Id` header by default ([`IdSource`]); a message
+//! without one is keyed by its stream sequence (`seq:<n>`), which catches redeliveries but
+//! not re-publications. Publish with [`publish`], which sets `Nats-Msg-Id`, so the stream's
+//! own duplicate window drops re-publications before they are even stored.
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use idem::{MemoryStore, Scope};
+//! use idem_queue::Deduplicator;
+//! use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions};
+//! use async_nats::jetstream::{self, consumer::pull};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = async_nats::connect("127.0.0.1:4222").await?;
+//! let js = jetstream::new(client);
+//! let stream = js.get_stream("ORDERS").await?;
+//! let consumer = stream
+//!     .get_or_create_consumer("billing", pull::Config {
+//!         durable_name: Some("billing".into()),
+//!         ..Default::default()
+//!     })
+//!     .await?;
+//!
+//! let dedup = Deduplicator::new(MemoryStore::new(), Scope::new("ORDERS/billing"));
+//! let adapter = JetStreamConsumer::new(dedup, JetStreamOptions::default());
+//! let mut messages = consumer.messages().await?;
+//! while let Some(message) = messages.next().await {
+//!     let message = message?;
+//!     let handled = adapter
+//!         .handle(&message, |message| async move {
+//!             // charge the order in message.payload ...
+//!             Ok(format!("charged {} bytes", message.payload.len()))
+//!         })
+//!         .await?;
+//!     println!("{} -> {:?}", handled.id, handled.settlement);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::message::{AckKind, PublishMessage};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::{Context, Message};
+use bytes::Bytes;
+use idem::{Fingerprint, Store};
+
+use crate::dedup::{Claim, DeadLetter, Deduplicator, HandlerError, Outcome};
+use crate::heartbeat::with_heartbeat;
+use crate::settle::{Handled, RetryPolicy, Settlement, dead_letter_error};
+
+/// The header JetStream deduplicates publications by.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// A function that finds a message's id.
+pub type MessageIdFn = Arc<dyn Fn(&Message) -> Option<String> + Send + Sync>;
+
+/// Where a message's id comes from. Whatever the source, a message it yields no id for is
+/// keyed by its stream sequence.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum IdSource {
+    /// A header (by default `Nats-Msg-Id`).
+    Header(String),
+    /// The stream sequence: redeliveries are deduplicated, re-publications are not.
+    StreamSequence,
+    /// Your own function of the message (a field of the payload, a subject token).
+    Custom(MessageIdFn),
+}
+
+impl IdSource {
+    /// Ids from your own function.
+    ///
+    /// ```
+    /// use idem_queue::jetstream::IdSource;
+    ///
+    /// // The last subject token: `orders.created.o-17` is message `o-17`.
+    /// let source = IdSource::custom(|m| m.subject.split('.').next_back().map(str::to_owned));
+    /// # let _ = source;
+    /// ```
+    pub fn custom(extract: impl Fn(&Message) -> Option<String> + Send + Sync + 'static) -> Self {
+        Self::Custom(Arc::new(extract))
+    }
+
+    fn extract(&self, message: &Message) -> Option<String> {
+        match self {
+            Self::Header(name) => message
+                .headers
+                .as_ref()?
+                .get(name.as_str())
+                .map(|value| value.as_str().to_owned()),
+            Self::StreamSequence => None,
+            Self::Custom(extract) => extract(message),
+        }
+        .filter(|id| !id.is_empty())
+    }
+}
+
+impl Default for IdSource {
+    fn default() -> Self {
+        Self::Header(MSG_ID_HEADER.to_owned())
+    }
+}
+
+impl fmt::Debug for IdSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            Self::StreamSequence => f.write_str("StreamSequence"),
+            Self::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+/// How a [`JetStreamConsumer`] identifies, retries and gives up on messages.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_queue::jetstream::JetStreamOptions;
+///
+/// // A consumer with a 60 s AckWait: progress every 20 s.
+/// let options = JetStreamOptions::for_ack_wait(Duration::from_secs(60));
+/// assert_eq!(options.progress_every, Some(Duration::from_secs(20)));
+/// ```
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// Where ids come from (default: the `Nats-Msg-Id` header).
+    pub id: IdSource,
+    /// Redelivery delays and the delivery limit.
+    pub retry: RetryPolicy,
+    /// How often to send `+WPI` while the handler runs; should be under a third of the
+    /// consumer's `AckWait`. Default 10 s (the default `AckWait` is 30 s); `None`: never.
+    pub progress_every: Option<Duration>,
+    /// Also publish dead letters to this subject (default: none; the store record only).
+    pub dead_letter_subject: Option<String>,
+    /// Bind the id to the subject and payload: a re-used id with another payload is then
+    /// dead-lettered as a mismatch instead of being acknowledged as a duplicate.
+    pub fingerprint_payload: bool,
+}
+
+impl Default for JetStreamOptions {
+    fn default() -> Self {
+        Self {
+            id: IdSource::default(),
+            retry: RetryPolicy::default(),
+            progress_every: Some(Duration::from_secs(10)),
+            dead_letter_subject: None,
+            fingerprint_payload: false,
+        }
+    }
+}
+
+impl JetStreamOptions {
+    /// Defaults, with progress sent every third of `ack_wait`.
+    pub fn for_ack_wait(ack_wait: Duration) -> Self {
+        Self {
+            progress_every: Some(ack_wait / 3),
+            ..Self::default()
+        }
+    }
+}
+
+/// Why a delivery could not be handled or settled.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JetStreamError {
+    /// The message has no JetStream ack metadata (it did not come from a consumer with
+    /// acks), so it cannot be handled here.
+    #[error("not a JetStream message with ack metadata")]
+    NotJetStream(#[source] async_nats::Error),
+    /// The outcome was decided (and stored), but telling the server failed; the server will
+    /// redeliver after `AckWait`, and the redelivery is deduplicated.
+    #[error("sending {settlement:?} for message {id} failed")]
+    Settle {
+        /// The message id.
+        id: String,
+        /// What was being sent.
+        settlement: Settlement,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+/// Handles JetStream deliveries exactly once in effect. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct JetStreamConsumer<S> {
+    dedup: Deduplicator<S>,
+    options: JetStreamOptions,
+}
+
+impl<S: Store> JetStreamConsumer<S> {
+    /// An adapter around `dedup`.
+    pub fn new(dedup: Deduplicator<S>, options: JetStreamOptions) -> Self {
+        Self { dedup, options }
+    }
+
+    /// The deduplicator.
+    pub fn dedup(&self) -> &Deduplicator<S> {
+        &self.dedup
+    }
+
+    /// The options.
+    pub fn options(&self) -> &JetStreamOptions {
+        &self.options
+    }
+
+    /// The id `message` is deduplicated by.
+    pub fn message_id(&self, message: &Message) -> Result<String, JetStreamError> {
+        message_id(message, &self.options.id)
+    }
+
+    /// Runs `handler` for `message` unless it already ran, then acks, naks or terminates it
+    /// (see the [module docs](self)). Returns what happened; fails only when the message is
+    /// not a JetStream delivery or the server could not be told.
+    pub async fn handle<'m, F, Fut, T>(
+        &self,
+        message: &'m Message,
+        handler: F,
+    ) -> Result<Handled, JetStreamError>
+    where
+        F: FnOnce(&'m Message) -> Fut,
+        Fut: Future<Output = Result<T, HandlerError>> + 'm,
+        T: Into<Bytes>,
+    {
+        let info = message.info().map_err(JetStreamError::NotJetStream)?;
+        let id = self
+            .options
+            .id
+            .extract(message)
+            .unwrap_or_else(|| format!("seq:{}", info.stream_sequence));
+        let attempt = self
+            .options
+            .retry
+            .attempt(u64::try_from(info.delivered).unwrap_or(1));
+        let origin = format!(
+            "nats stream={} consumer={} seq={} subject={}",
+            info.stream, info.consumer, info.stream_sequence, message.subject
+        );
+        let fingerprint = self.options.fingerprint_payload.then(|| {
+            Fingerprint::builder()
+                .part("subject", message.subject.as_bytes())
+                .part("payload", &message.payload)
+                .finish()
+        });
+
+        let outcome = match self.dedup.claim(&id, fingerprint.as_ref()).await {
+            Ok(Claim::Acquired(held)) => {
+                let progress = || async {
+                    if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        tracing::warn!(%error, "sending a progress ack failed");
+                    }
+                };
+                let run = held.run(attempt, || handler(message));
+                with_heartbeat(run, self.options.progress_every, progress).await
+            }
+            Ok(Claim::Duplicate(replay)) => Ok(Outcome::Duplicate(replay)),
+            Ok(Claim::InFlight { retry_after }) => Ok(Outcome::InFlight { retry_after }),
+            Ok(Claim::Mismatch) => Ok(Outcome::Mismatch),
+            Err(error) => Err(error),
+        };
+        let mut settlement = self.options.retry.settlement(attempt, &outcome);
+
+        if let Settlement::DeadLetter { reason } = settlement {
+            let letter = DeadLetter {
+                id: id.clone(),
+                reason,
+                deliveries: attempt.delivered,
+                error: dead_letter_error(&outcome),
+                origin,
+                payload: message.payload.clone(),
+            };
+            if let Err(error) = self.dead_letter(message, &letter).await {
+                tracing::warn!(%id, %error, "writing a dead letter failed; the message will be redelivered");
+                settlement = Settlement::Retry {
+                    delay: self.options.retry.backoff(attempt.delivered),
+                };
+            }
+        }
+
+        let kind = match settlement {
+            Settlement::Ack => AckKind::Ack,
+            Settlement::Retry { delay } => AckKind::Nak(Some(delay)),
+            Settlement::DeadLetter { .. } => AckKind::Term,
+        };
+        message
+            .ack_with(kind)
+            .await
+            .map_err(|source| JetStreamError::Settle {
+                id: id.clone(),
+                settlement,
+                source,
+            })?;
+        Ok(Handled {
+            id,
+            attempt,
+            outcome,
+            settlement,
+        })
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        letter: &DeadLetter,
+    ) -> Result<(), async_nats::Error> {
+        self.dedup.dead_letter(letter).await?;
+        if let Some(subject) = &self.options.dead_letter_subject {
+            let mut headers = message.headers.clone().unwrap_or_default();
+            headers.insert(MSG_ID_HEADER, letter.id.as_str());
+            headers.insert("Idem-Dead-Letter-Reason", letter.reason.as_str());
+            headers.insert("Idem-Dead-Letter-Deliveries", letter.deliveries.to_string());
+            headers.insert("Idem-Dead-Letter-Origin", letter.origin.as_str());
+            if let Some(error) = &letter.error {
+                // Header values are one line.
+                headers.insert("Idem-Dead-Letter-Error", error.replace(['\r', '\n'], " "));
+            }
+            message
+                .context
+                .send_publish(
+                    subject.clone(),
+                    PublishMessage::build()
+                        .payload(message.payload.clone())
+                        .headers(headers),
+                )
+                .await?
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The id `message` is deduplicated by under `source`, falling back to its stream sequence.
+pub fn message_id(message: &Message, source: &IdSource) -> Result<String, JetStreamError> {
+    if let Some(id) = source.extract(message) {
+        return Ok(id);
+    }
+    let info = message.info().map_err(JetStreamError::NotJetStream)?;
+    Ok(format!("seq:{}", info.stream_sequence))
+}
+
+/// Publishes `payload` to `subject` with `Nats-Msg-Id: id` and waits for the stream's
+/// acknowledgement. Within the stream's duplicate window a second publication of the same
+/// id is dropped by the server (the ack then says `duplicate: true`); after it, the
+/// consumer's [`Deduplicator`] still catches it.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let js = async_nats::jetstream::new(async_nats::connect("127.0.0.1:4222").await?);
+/// let ack = idem_queue::jetstream::publish(&js, "orders.created", "order-7", "{}".into()).await?;
+/// let again = idem_queue::jetstream::publish(&js, "orders.created", "order-7", "{}".into()).await?;
+/// assert!(again.duplicate && again.sequence == ack.sequence);
+/// # Ok(()) }
+/// ```
+pub async fn publish(
+    context: &Context,
+    subject: impl Into<String>,
+    id: &str,
+    payload: Bytes,
+) -> Result<PublishAck, PublishError> {
+    publish_with_headers(context, subject, id, HeaderMap::new(), payload)
+        .await?
+        .await
+}
+
+/// Like [`publish`] with headers of your own, returning the ack future without waiting, so
+/// many publications can be in flight at once. The client holds one in-flight permit per
+/// ack future until it is awaited or dropped (5,000 by default), and waits for a free one:
+/// await acks as you go, not after an unbounded batch.
+pub async fn publish_with_headers(
+    context: &Context,
+    subject: impl Into<String>,
+    id: &str,
+    mut headers: HeaderMap,
+    payload: Bytes,
+) -> Result<PublishAckFuture, PublishError> {
+    headers.insert(MSG_ID_HEADER, id);
+    context
+        .send_publish(
+            subject.into(),
+            PublishMessage::build().payload(payload).headers(headers),
+        )
+        .await
+}
