@@ -187,6 +187,15 @@ fn take_param(url: &str, name: &str) -> (String, Option<String>) {
     (url, value)
 }
 
+/// The gateway's redb tuning: a 16 MiB page cache keeps its memory small; the operating
+/// system's page cache holds the rest of a busy file.
+fn gateway_redb_options() -> RedbOptions {
+    RedbOptions {
+        cache_size: 16 << 20,
+        ..RedbOptions::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::take_param;
@@ -205,14 +214,5 @@ mod tests {
             take_param("redis://h:1", "prefix"),
             ("redis://h:1".to_owned(), None)
         );
-    }
-}
-
-/// The gateway's redb tuning: a 16 MiB page cache keeps its memory small; the operating
-/// system's page cache holds the rest of a busy file.
-fn gateway_redb_options() -> RedbOptions {
-    RedbOptions {
-        cache_size: 16 << 20,
-        ..RedbOptions::default()
     }
 }
