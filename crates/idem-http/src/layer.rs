@@ -6,6 +6,7 @@ use std::sync::Arc;
 use idem::Store;
 use tower::Layer;
 
+use crate::budget::BodyBudget;
 use crate::extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromCredentials};
 use crate::policy::{Config, IdempotencyPolicy, PolicyError};
 use crate::service::{Idempotency, Shared};
@@ -38,6 +39,8 @@ pub struct IdempotencyLayer<St> {
     make_scope: Arc<dyn MakeScope>,
     extract_key: Arc<dyn ExtractKey>,
     stats: Arc<IdempotencyStats>,
+    budget: BodyBudget,
+    scope_secret: Option<Arc<[u8]>>,
 }
 
 impl<St: Store> IdempotencyLayer<St> {
@@ -67,7 +70,26 @@ impl<St: Store> IdempotencyLayer<St> {
             make_scope: Arc::new(ScopeFromCredentials),
             extract_key,
             stats: Arc::default(),
+            budget: BodyBudget::default(),
+            scope_secret: None,
         }
+    }
+
+    /// Shares `budget`, the cap on buffered keyed request bodies, with other layers (every
+    /// route of a gateway shares one). Default: a budget of this layer's own,
+    /// [`DEFAULT_BODY_BUDGET`](crate::DEFAULT_BODY_BUDGET) bytes.
+    pub fn body_budget(mut self, budget: BodyBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Keys the scope digest with `secret` (at least 16 bytes of it should be random), so
+    /// that a dump of the store does not let anyone test guessed credentials against the
+    /// stored scopes offline. Every process sharing a store must use the same secret, or
+    /// they will not find each other's keys.
+    pub fn scope_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.scope_secret = Some(Arc::from(secret.into()));
+        self
     }
 
     /// Replaces how a request's scope is decided (default [`ScopeFromCredentials`]).
@@ -108,6 +130,8 @@ impl<St> Clone for IdempotencyLayer<St> {
             make_scope: Arc::clone(&self.make_scope),
             extract_key: Arc::clone(&self.extract_key),
             stats: Arc::clone(&self.stats),
+            budget: self.budget.clone(),
+            scope_secret: self.scope_secret.clone(),
         }
     }
 }

@@ -141,17 +141,21 @@
 //! ```
 
 mod body;
+mod budget;
 mod date;
 mod extract;
 pub mod fingerprint;
 mod future;
 mod layer;
+pub mod path;
 mod policy;
 mod problem;
 mod service;
 mod stats;
+mod upstream;
 
 pub use body::IdempotencyBody;
+pub use budget::{BodyBudget, DEFAULT_BODY_BUDGET, DEFAULT_BODY_BUDGET_WAIT};
 pub use date::fmt_http_date;
 pub use extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromCredentials};
 pub use future::ResponseFuture;
@@ -160,6 +164,7 @@ pub use policy::{IdempotencyPolicy, OnConflict, PolicyError, ReplayHeaders};
 pub use problem::{IdempotencyError, PROBLEM_JSON, Problem};
 pub use service::Idempotency;
 pub use stats::IdempotencyStats;
+pub use upstream::NotSent;
 
 use http::HeaderName;
 

@@ -29,17 +29,23 @@
 //! ```
 
 mod clock;
+mod deadline;
 mod fingerprint;
+mod holder;
 mod key;
 mod memory;
 mod record;
 mod store;
+#[cfg(test)]
+mod testing_support;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use clock::{Clock, ManualClock, SystemClock, from_unix_millis, to_millis, unix_millis};
+pub use deadline::{TimeoutStore, within};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};
+pub use holder::{HoldOptions, Holder};
 pub use key::{DEFAULT_MAX_KEY_LEN, Key, KeyError, Scope, ScopedKey};
 pub use memory::MemoryStore;
 pub use record::{Begin, Lease, Record, RecordState, Stored, Token};

@@ -32,6 +32,16 @@ pub enum StoreError {
     /// A stored record could not be read back.
     #[error("stored record is corrupt")]
     Corrupt(#[source] BoxError),
+    /// The backend did not answer within the caller's deadline. The operation may or may
+    /// not have taken effect: a timed-out `begin` may have claimed the key (it then stays
+    /// held until its lease ends), a timed-out `complete` may have stored the outcome.
+    #[error("store did not answer within {after:?} while trying to {operation}")]
+    Timeout {
+        /// What the store was doing.
+        operation: &'static str,
+        /// The deadline that passed.
+        after: Duration,
+    },
 }
 
 impl StoreError {
@@ -123,6 +133,13 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Removes up to `limit` expired records; returns how many it removed. Stores whose
     /// backend expires records by itself may always return 0.
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError>;
+
+    /// Why this store can no longer serve at all, if that is so: a background worker it
+    /// depends on (a writer thread, a sweeper) has died. A process that sees `Some` should
+    /// report itself not ready and stop rather than limp on. The default is `None`.
+    fn fatal_error(&self) -> Option<String> {
+        None
+    }
 }
 
 #[async_trait]
@@ -163,6 +180,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         (**self).sweep(limit).await
+    }
+    fn fatal_error(&self) -> Option<String> {
+        (**self).fatal_error()
     }
 }
 
