@@ -28,7 +28,13 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// | [`BodyTooLarge`](Self::BodyTooLarge) | 413 | `…/body-too-large` |
 /// | [`Mismatch`](Self::Mismatch) | 422 | `…/mismatch` |
 /// | [`UpstreamUnavailable`](Self::UpstreamUnavailable) | 502 | `…/upstream-unavailable` |
+/// | [`OutcomeUnknown`](Self::OutcomeUnknown) | 502, stored | `…/outcome-unknown` |
+/// | [`UpstreamTimeout`](Self::UpstreamTimeout) | 504, stored | `…/upstream-timeout` |
 /// | [`StoreUnavailable`](Self::StoreUnavailable) | 503 + `Retry-After` | `…/store-unavailable` |
+/// | [`Overloaded`](Self::Overloaded) | 503 + `Retry-After` | `…/overloaded` |
+/// | [`BodyTimeout`](Self::BodyTimeout) | 408 | `…/body-timeout` |
+/// | [`AmbiguousPath`](Self::AmbiguousPath) | 400 | `…/ambiguous-path` |
+/// | [`MissingIdentity`](Self::MissingIdentity) | 400 | `…/missing-identity` |
 ///
 /// ```
 /// use std::time::Duration;
@@ -111,6 +117,53 @@ pub enum IdempotencyError {
         #[source]
         source: BoxError,
     },
+    /// The inner service failed after the request may have reached it (the connection was
+    /// reset or closed once the request was written): it may have been processed. This
+    /// answer is stored and replayed like a response; the operation is never run again
+    /// automatically.
+    #[error(
+        "the upstream failed after the request may have reached it, so whether it was \
+         processed is unknown; it will not be run again with this key"
+    )]
+    OutcomeUnknown {
+        /// The inner service's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The inner service did not answer within `upstream_timeout`: an unknown outcome,
+    /// stored and replayed, never run again automatically.
+    #[error(
+        "the upstream did not answer within {after:?}; whether the request was processed \
+         is unknown, and it will not be run again with this key"
+    )]
+    UpstreamTimeout {
+        /// The timeout that passed.
+        after: Duration,
+    },
+    /// Too many keyed request bodies are being buffered right now; nothing was run.
+    #[error("the server is buffering too many request bodies; nothing was run, retry later")]
+    Overloaded {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The request body did not arrive within `body_read_timeout`; nothing was run.
+    #[error("the request body did not arrive within {after:?}; nothing was run")]
+    BodyTimeout {
+        /// The timeout that passed.
+        after: Duration,
+    },
+    /// The path could mean different routes to different servers (an encoded `/`, a dot
+    /// segment), so a protected method on it is refused.
+    #[error(transparent)]
+    AmbiguousPath {
+        /// What is ambiguous.
+        #[from]
+        source: crate::path::PathError,
+    },
+    /// The policy requires a caller identity (`scope_required`) and the request carries
+    /// none of the configured scope sources.
+    #[error("this request carries no caller identity, which keyed requests here must have")]
+    MissingIdentity,
     /// The operation completed, but its response was too large to keep, so this retry
     /// cannot be given it. The operation is not run again.
     #[error(
@@ -135,7 +188,13 @@ impl IdempotencyError {
             Self::MissingKey { .. }
             | Self::MalformedKey { .. }
             | Self::RepeatedKey { .. }
-            | Self::BodyUnreadable { .. } => StatusCode::BAD_REQUEST,
+            | Self::BodyUnreadable { .. }
+            | Self::AmbiguousPath { .. }
+            | Self::MissingIdentity => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::OutcomeUnknown { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { .. } | Self::ResponseNotKept { .. } => StatusCode::CONFLICT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -156,6 +215,12 @@ impl IdempotencyError {
             Self::StoreUnavailable { .. } => "store-unavailable",
             Self::UpstreamUnavailable { .. } => "upstream-unavailable",
             Self::ResponseNotKept { .. } => "response-not-kept",
+            Self::OutcomeUnknown { .. } => "outcome-unknown",
+            Self::UpstreamTimeout { .. } => "upstream-timeout",
+            Self::Overloaded { .. } => "overloaded",
+            Self::BodyTimeout { .. } => "body-timeout",
+            Self::AmbiguousPath { .. } => "ambiguous-path",
+            Self::MissingIdentity => "missing-identity",
         }
     }
 
@@ -176,6 +241,12 @@ impl IdempotencyError {
             Self::StoreUnavailable { .. } => "Idempotency store unavailable",
             Self::UpstreamUnavailable { .. } => "Upstream unavailable",
             Self::ResponseNotKept { .. } => "Response not kept",
+            Self::OutcomeUnknown { .. } => "Upstream outcome unknown",
+            Self::UpstreamTimeout { .. } => "Upstream timed out",
+            Self::Overloaded { .. } => "Too many request bodies buffered",
+            Self::BodyTimeout { .. } => "Request body timed out",
+            Self::AmbiguousPath { .. } => "Ambiguous request path",
+            Self::MissingIdentity => "Caller identity missing",
         }
     }
 
@@ -184,6 +255,7 @@ impl IdempotencyError {
         match self {
             Self::InFlight { retry_after } => Some(*retry_after),
             Self::StoreUnavailable { .. } => Some(STORE_RETRY_AFTER),
+            Self::Overloaded { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
