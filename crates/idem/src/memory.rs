@@ -14,7 +14,9 @@ use crate::store::{Store, StoreError, transition};
 use crate::{Fingerprint, ScopedKey};
 
 /// Records in a hash map behind a mutex. Expired records read as absent at once and are
-/// removed by [`Store::sweep`] (see [`spawn_sweeper`](crate::spawn_sweeper)).
+/// removed by [`Store::sweep`] (see [`spawn_sweeper`](crate::spawn_sweeper)); an in-flight
+/// record whose lease ended is kept one more lease length first, so that its holder's late
+/// `complete` still finds it.
 ///
 /// Nothing survives the process; use `idem-redb` for durability.
 ///
@@ -27,11 +29,42 @@ use crate::{Fingerprint, ScopedKey};
 /// ```
 #[derive(Debug)]
 pub struct MemoryStore {
-    records: Mutex<HashMap<ScopedKey, Record>>,
+    records: Mutex<HashMap<ScopedKey, Kept>>,
     // One counter for the whole store makes tokens grow per key even after a key is
     // released or swept and claimed afresh.
     last_token: AtomicU64,
     clock: Arc<dyn Clock>,
+}
+
+/// A record and until when the store keeps it (see [`transition::kept_until`]).
+#[derive(Debug)]
+struct Kept {
+    record: Record,
+    until: SystemTime,
+}
+
+impl Kept {
+    fn in_flight(record: Record, lease: Duration) -> Self {
+        let until = transition::kept_until(record.expires_at(), lease);
+        Self { record, until }
+    }
+
+    fn completed(record: Record) -> Self {
+        let until = record.expires_at();
+        Self { record, until }
+    }
+}
+
+/// The record of `key` if the store still keeps it at `now`, expired or not.
+fn kept<'a>(
+    records: &'a HashMap<ScopedKey, Kept>,
+    key: &ScopedKey,
+    now: SystemTime,
+) -> Option<&'a Record> {
+    records
+        .get(key)
+        .filter(|kept| now < kept.until)
+        .map(|kept| &kept.record)
 }
 
 impl MemoryStore {
@@ -49,7 +82,7 @@ impl MemoryStore {
         }
     }
 
-    fn records(&self) -> MutexGuard<'_, HashMap<ScopedKey, Record>> {
+    fn records(&self) -> MutexGuard<'_, HashMap<ScopedKey, Kept>> {
         // A panic while holding the lock cannot leave a half-written record (every update is
         // one insert or remove), so a poisoned map is still consistent.
         self.records
@@ -79,9 +112,11 @@ impl Store for MemoryStore {
         let now = self.clock.now();
         let mut records = self.records();
         let (answer, write) =
-            transition::begin(records.get(key), fingerprint, now, lease, || self.mint());
+            transition::begin(kept(&records, key, now), fingerprint, now, lease, || {
+                self.mint()
+            })?;
         if let Some(record) = write {
-            records.insert(key.clone(), record);
+            records.insert(key.clone(), Kept::in_flight(record, lease));
         }
         Ok(answer)
     }
@@ -95,16 +130,18 @@ impl Store for MemoryStore {
     ) -> Result<SystemTime, StoreError> {
         let now = self.clock.now();
         let mut records = self.records();
-        let record = transition::complete(records.get(key), token, stored, now, retain)?;
-        let expires_at = record.expires_at();
-        records.insert(key.clone(), record);
+        let (expires_at, write) =
+            transition::complete(kept(&records, key, now), token, stored, now, retain)?;
+        if let Some(record) = write {
+            records.insert(key.clone(), Kept::completed(record));
+        }
         Ok(expires_at)
     }
 
     async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
         let now = self.clock.now();
         let mut records = self.records();
-        transition::held(records.get(key), token, now)?;
+        transition::held(kept(&records, key, now), token, now)?;
         records.remove(key);
         Ok(())
     }
@@ -117,24 +154,24 @@ impl Store for MemoryStore {
     ) -> Result<Lease, StoreError> {
         let now = self.clock.now();
         let mut records = self.records();
-        let record = transition::renew(records.get(key), token, now, lease)?;
+        let record = transition::renew(kept(&records, key, now), token, now, lease)?;
         let renewed = Lease {
             token,
             expires_at: record.expires_at(),
         };
-        records.insert(key.clone(), record);
+        records.insert(key.clone(), Kept::in_flight(record, lease));
         Ok(renewed)
     }
 
     async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
         let now = self.clock.now();
-        Ok(transition::live(self.records().get(key), now).cloned())
+        Ok(transition::live(kept(&self.records(), key, now), now).cloned())
     }
 
     async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
         let now = self.clock.now();
         let removed = self.records().remove(key);
-        Ok(transition::live(removed.as_ref(), now).is_some())
+        Ok(transition::live(removed.as_ref().map(|kept| &kept.record), now).is_some())
     }
 
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
@@ -142,7 +179,7 @@ impl Store for MemoryStore {
         let mut records = self.records();
         let expired: Vec<ScopedKey> = records
             .iter()
-            .filter(|(_, record)| !record.is_live(now))
+            .filter(|(_, kept)| now >= kept.until)
             .map(|(key, _)| key.clone())
             .take(limit)
             .collect();
@@ -154,7 +191,8 @@ impl Store for MemoryStore {
 }
 
 impl MemoryStore {
-    /// How many records the map holds, live or expired but not yet swept.
+    /// How many records the map holds, live or expired but not yet swept (an in-flight
+    /// record is kept one lease length past its lease).
     pub fn len(&self) -> usize {
         self.records().len()
     }

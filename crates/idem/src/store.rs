@@ -32,6 +32,19 @@ pub enum StoreError {
     /// A stored record could not be read back.
     #[error("stored record is corrupt")]
     Corrupt(#[source] BoxError),
+    /// A lease or retention is longer than any store accepts
+    /// ([`transition::MAX_SPAN`], about a hundred years): refused before anything was
+    /// read or written, so the store is as it was and keeps serving.
+    #[error(
+        "cannot {operation}: a duration of {duration:?} is out of range (at most {max:?})",
+        max = transition::MAX_SPAN
+    )]
+    DurationOutOfRange {
+        /// What the store was asked to do.
+        operation: &'static str,
+        /// The duration that was refused.
+        duration: Duration,
+    },
     /// The backend did not answer within the caller's deadline. The operation may or may
     /// not have taken effect: a timed-out `begin` may have claimed the key (it then stays
     /// held until its lease ends), a timed-out `complete` may have stored the outcome.
@@ -65,10 +78,24 @@ impl StoreError {
 /// The guarantees, for every implementation:
 /// - `begin` is one atomic step: of any number of concurrent `begin`s of an absent key,
 ///   exactly one is [`Begin::Acquired`].
-/// - A record whose lease or retention has ended is treated as absent.
+/// - A record whose lease or retention has ended is treated as absent by `begin` and `get`:
+///   after the lease a new `begin` takes the key over with a new token.
 /// - Tokens only grow per key, across takeovers, releases and expiry.
-/// - `complete`, `release` and `renew` act only for the current, unexpired holder; anyone
-///   else gets [`StoreError::LeaseLost`] and the record is left untouched.
+/// - `release` and `renew` act only for the current, unexpired holder; anyone else gets
+///   [`StoreError::LeaseLost`] and the record is left untouched.
+/// - `complete` acts for the holder of the current token even after its lease ended, as
+///   long as no newer claim took the key over, the holder did not release it and nobody
+///   deleted it: a slow operation or a slow store write must not turn into a second
+///   execution. For that, a store keeps an in-flight record whose lease ended for at least
+///   one more lease length (the one last granted by `begin` or `renew`) before it forgets
+///   it; once forgotten, a late `complete` gets [`StoreError::LeaseLost`].
+/// - `complete` repeated with the token that completed the record answers `Ok` with the
+///   record's expiry and changes nothing, for as long as the record is retained, so a
+///   `complete` whose answer was lost (a client-side deadline) can be retried safely. Any
+///   other token gets [`StoreError::LeaseLost`].
+/// - A lease or retention longer than [`transition::MAX_SPAN`] is refused with
+///   [`StoreError::DurationOutOfRange`] before anything is read or written; no duration
+///   makes a store panic, overflow or stop serving.
 ///
 /// ```
 /// use std::time::Duration;
@@ -189,8 +216,93 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 /// The contract's state machine as pure functions over the current record, for stores that
 /// read a record, decide, and write it back inside one atomic step (a lock, a write
 /// transaction). Server-side stores (Lua, SQL) implement the same rules in their language.
+///
+/// A store hands these functions the record as it still keeps it: a live record, or an
+/// in-flight record whose lease ended but which is still within
+/// [`kept_until`](transition::kept_until) (so a late `complete` finds it), or nothing.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use idem::{Begin, Fingerprint, Stored, Token, transition};
+///
+/// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+/// let lease = Duration::from_secs(30);
+/// let fp = Fingerprint::builder().part("body", b"{}").finish();
+/// let (answer, claimed) = transition::begin(None, &fp, now, lease, || Token::new(1)).unwrap();
+/// assert!(matches!(answer, Begin::Acquired(_)));
+///
+/// // Completing after the lease ended still works: nobody took the key over.
+/// let late = now + lease + Duration::from_secs(5);
+/// let retain = Duration::from_secs(3_600);
+/// let stored = Stored::new(201);
+/// let (expires_at, completed) =
+///     transition::complete(claimed.as_ref(), Token::new(1), &stored, late, retain).unwrap();
+/// assert_eq!(expires_at, late + retain);
+///
+/// // Completing again with the same token is answered from the record, nothing written.
+/// let (again, write) =
+///     transition::complete(completed.as_ref(), Token::new(1), &stored, late, retain).unwrap();
+/// assert_eq!((again, write), (expires_at, None));
+///
+/// // Absurd durations are refused, never a panic.
+/// assert!(transition::begin(None, &fp, now, Duration::MAX, || Token::new(2)).is_err());
+/// ```
 pub mod transition {
     use super::*;
+
+    /// The longest lease or retention any store accepts: 100 years of 365 days. Longer
+    /// durations are refused with [`StoreError::DurationOutOfRange`]. Bounded so that every
+    /// backend's arithmetic stays exact: two spans past any present time fit Unix
+    /// microseconds in an `i64`, Lua's doubles in milliseconds and Postgres' timestamps.
+    pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+    /// `duration`, if a store accepts it as a lease or retention for `operation`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem::{StoreError, transition};
+    ///
+    /// assert!(transition::span("begin", Duration::from_secs(30)).is_ok());
+    /// assert!(matches!(
+    ///     transition::span("begin", Duration::MAX),
+    ///     Err(StoreError::DurationOutOfRange { operation: "begin", .. })
+    /// ));
+    /// ```
+    pub fn span(operation: &'static str, duration: Duration) -> Result<Duration, StoreError> {
+        if duration <= MAX_SPAN {
+            Ok(duration)
+        } else {
+            Err(StoreError::DurationOutOfRange {
+                operation,
+                duration,
+            })
+        }
+    }
+
+    /// `now + duration`, checked: refuses spans past [`MAX_SPAN`] and times the platform
+    /// cannot represent, instead of panicking.
+    pub fn after(
+        operation: &'static str,
+        now: SystemTime,
+        duration: Duration,
+    ) -> Result<SystemTime, StoreError> {
+        span(operation, duration)?;
+        now.checked_add(duration)
+            .ok_or(StoreError::DurationOutOfRange {
+                operation,
+                duration,
+            })
+    }
+
+    /// Until when a store keeps an in-flight record whose lease ends at `lease_expires_at`,
+    /// granted for `lease`: one more lease length, so that its holder's late `complete`
+    /// still finds it. (Completed records are kept until their retention ends.)
+    pub fn kept_until(lease_expires_at: SystemTime, lease: Duration) -> SystemTime {
+        // `lease` was accepted by `after`, so this only fails at the platform's end of time.
+        lease_expires_at
+            .checked_add(lease)
+            .unwrap_or(lease_expires_at)
+    }
 
     /// The current record, if it still counts at `now`.
     pub fn live(current: Option<&Record>, now: SystemTime) -> Option<&Record> {
@@ -198,15 +310,17 @@ pub mod transition {
     }
 
     /// Decides `begin`: the answer, and the record to write if the key was acquired.
-    /// `mint` is called only when a new token is needed.
+    /// `mint` is called only when a new token is needed. A lease past [`MAX_SPAN`] is
+    /// refused whatever the record.
     pub fn begin(
         current: Option<&Record>,
         fingerprint: &Fingerprint,
         now: SystemTime,
         lease: Duration,
         mint: impl FnOnce() -> Token,
-    ) -> (Begin, Option<Record>) {
-        match live(current, now) {
+    ) -> Result<(Begin, Option<Record>), StoreError> {
+        let lease_end = after("begin", now, lease)?;
+        Ok(match live(current, now) {
             Some(record) if record.fingerprint != *fingerprint => (Begin::Mismatch, None),
             Some(record) => match &record.state {
                 RecordState::InFlight { lease_expires_at } => {
@@ -225,7 +339,7 @@ pub mod transition {
             None => {
                 let claim = Lease {
                     token: mint(),
-                    expires_at: now + lease,
+                    expires_at: lease_end,
                 };
                 let record = Record {
                     fingerprint: *fingerprint,
@@ -236,7 +350,7 @@ pub mod transition {
                 };
                 (Begin::Acquired(claim), Some(record))
             }
-        }
+        })
     }
 
     /// The record, if `token` holds it in flight at `now`.
@@ -256,23 +370,41 @@ pub mod transition {
         }
     }
 
-    /// Decides `complete`: the completed record to write.
+    /// Decides `complete`: when the record will expire, and the completed record to write
+    /// (`None` when `token` already completed it and nothing changes).
+    ///
+    /// `current` is the record as the store keeps it, an in-flight record past its lease
+    /// included (see [`kept_until`]): the holder of the current token completes it even
+    /// after its lease ended. Any other token, or a completed record whose retention ended,
+    /// is [`StoreError::LeaseLost`].
     pub fn complete(
         current: Option<&Record>,
         token: Token,
         stored: &Stored,
         now: SystemTime,
         retain: Duration,
-    ) -> Result<Record, StoreError> {
-        let record = held(current, token, now)?;
-        Ok(Record {
-            fingerprint: record.fingerprint,
-            token,
-            state: RecordState::Completed {
-                stored: Arc::new(stored.clone()),
-                expires_at: now + retain,
+    ) -> Result<(SystemTime, Option<Record>), StoreError> {
+        let expires_at = after("complete", now, retain)?;
+        match current {
+            Some(record) if record.token == token => match &record.state {
+                RecordState::InFlight { .. } => Ok((
+                    expires_at,
+                    Some(Record {
+                        fingerprint: record.fingerprint,
+                        token,
+                        state: RecordState::Completed {
+                            stored: Arc::new(stored.clone()),
+                            expires_at,
+                        },
+                    }),
+                )),
+                RecordState::Completed { expires_at, .. } if record.is_live(now) => {
+                    Ok((*expires_at, None))
+                }
+                RecordState::Completed { .. } => Err(StoreError::LeaseLost),
             },
-        })
+            _ => Err(StoreError::LeaseLost),
+        }
     }
 
     /// Decides `renew`: the record with its lease extended.
@@ -282,11 +414,10 @@ pub mod transition {
         now: SystemTime,
         lease: Duration,
     ) -> Result<Record, StoreError> {
+        let lease_expires_at = after("renew", now, lease)?;
         let record = held(current, token, now)?;
         Ok(Record {
-            state: RecordState::InFlight {
-                lease_expires_at: now + lease,
-            },
+            state: RecordState::InFlight { lease_expires_at },
             ..record.clone()
         })
     }

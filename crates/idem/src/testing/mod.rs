@@ -262,9 +262,13 @@ pub async fn replay_after_complete<S: Store>(subject: Subject<S>) {
         RecordState::Completed { stored, .. } => assert_eq!(*stored, outcome),
         other => panic!("expected completed, got {other:?}"),
     }
-    assert_lease_lost(
-        store.complete(&key, lease.token, &outcome, unit).await,
-        "a second complete",
+    // The holder's retry of a complete whose answer it lost is answered from the record.
+    assert_eq!(
+        store
+            .complete(&key, lease.token, &outcome, unit * 7)
+            .await
+            .expect("a repeated complete"),
+        expires_at
     );
 }
 
@@ -384,20 +388,206 @@ pub async fn stale_token_is_fenced<S: Store>(subject: Subject<S>) {
     }
 }
 
-/// A holder cannot complete after its own lease ended, even if nobody took the key over:
-/// once the lease is over another caller might have, and stores must agree.
-pub async fn complete_after_lease_end_is_rejected<S: Store>(subject: Subject<S>) {
+/// The holder may complete after its own lease ended, as long as nobody took the key over:
+/// the outcome is kept and replayed, so a slow write never turns into a second execution.
+/// Until then the expired claim reads as absent.
+pub async fn late_complete_is_kept<S: Store>(subject: Subject<S>) {
     let (store, unit) = (&subject.store, subject.time.unit());
     let key = scoped("late");
-    let lease = acquire(&**store, &key, &fingerprint("a"), unit).await;
-    subject.time.advance(unit * 2).await;
+    let fp = fingerprint("a");
+    let lease = acquire(&**store, &key, &fp, unit * 4).await;
+    // Past the lease, well within one more lease length.
+    subject.time.advance(unit * 5).await;
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        None,
+        "an expired claim reads as absent"
+    );
+    let outcome = Stored::new(201).with_body("late but kept");
+    let before = now_for(&subject.time);
+    let expires_at = store
+        .complete(&key, lease.token, &outcome, unit * 10)
+        .await
+        .expect("the holder completes after its lease ended");
+    assert_close(
+        expires_at,
+        before + unit * 10,
+        slack(&subject.time),
+        "retention end",
+    );
+    match store.begin(&key, &fp, unit).await.unwrap() {
+        Begin::Completed {
+            stored,
+            expires_at: replay_expiry,
+        } => {
+            assert_eq!(*stored, outcome);
+            assert_eq!(replay_expiry, expires_at);
+        }
+        other => panic!("expected the late outcome replayed, got {other:?}"),
+    }
+    let record = store.get(&key).await.unwrap().expect("completed record");
+    assert_eq!(record.token, lease.token);
+}
+
+/// `complete` repeated with the token that completed the record answers the same expiry and
+/// changes nothing, so a complete whose answer was lost can be retried; another token is
+/// still refused.
+pub async fn complete_is_idempotent_for_its_token<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("idempotent");
+    let fp = fingerprint("a");
+    let lease = acquire(&**store, &key, &fp, unit * 4).await;
+    let first = Stored::new(200).with_body("first");
+    let expires_at = store
+        .complete(&key, lease.token, &first, unit * 10)
+        .await
+        .expect("complete by the holder");
+    let before = store.get(&key).await.unwrap();
+    subject.time.advance(unit).await;
+    for _ in 0..2 {
+        let again = store
+            .complete(
+                &key,
+                lease.token,
+                &Stored::new(500).with_body("retry"),
+                unit * 30,
+            )
+            .await
+            .expect("a repeated complete by the same token");
+        assert_eq!(again, expires_at, "answered with the record's expiry");
+    }
+    assert_eq!(store.get(&key).await.unwrap(), before, "record unchanged");
+    for other in [lease.token.get() + 1, lease.token.get().saturating_sub(1)] {
+        assert_lease_lost(
+            store
+                .complete(&key, crate::Token::new(other), &first, unit * 10)
+                .await,
+            "complete by another token",
+        );
+    }
+    match store.begin(&key, &fp, unit).await.unwrap() {
+        Begin::Completed { stored, .. } => assert_eq!(*stored, first),
+        other => panic!("expected the first outcome, got {other:?}"),
+    }
+}
+
+/// A holder that released its key cannot complete it afterwards, and the key stays free.
+pub async fn complete_after_release_is_rejected<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("released");
+    let fp = fingerprint("a");
+    let lease = acquire(&**store, &key, &fp, unit * 4).await;
+    store.release(&key, lease.token).await.unwrap();
     assert_lease_lost(
         store
             .complete(&key, lease.token, &Stored::new(200), unit * 10)
             .await,
-        "complete after the lease ended",
+        "complete after release",
     );
     assert_eq!(store.get(&key).await.unwrap(), None);
+    let next = acquire(&**store, &key, &fp, unit * 4).await;
+    assert!(next.token > lease.token);
+}
+
+/// Once a newer claim took the key over (and even completed it), the old holder's late
+/// complete is refused: it neither overwrites nor is mistaken for a repeat.
+pub async fn complete_after_takeover_is_rejected<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("taken-over");
+    let fp = fingerprint("a");
+    let old = acquire(&**store, &key, &fp, unit * 2).await;
+    subject.time.advance(unit * 3).await;
+    let new = acquire(&**store, &key, &fp, unit * 4).await;
+    let fresh = Stored::new(200).with_body("new holder");
+    store
+        .complete(&key, new.token, &fresh, unit * 10)
+        .await
+        .unwrap();
+    assert_lease_lost(
+        store
+            .complete(
+                &key,
+                old.token,
+                &Stored::new(200).with_body("old"),
+                unit * 10,
+            )
+            .await,
+        "the previous holder's late complete",
+    );
+    match store.begin(&key, &fp, unit).await.unwrap() {
+        Begin::Completed { stored, .. } => assert_eq!(*stored, fresh),
+        other => panic!("expected the new holder's outcome, got {other:?}"),
+    }
+}
+
+/// Leases and retentions no store can represent are refused with an error, never a panic or
+/// an overflow, and leave the store serving as before.
+pub async fn absurd_durations_are_refused<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let key = scoped("absurd");
+    let fp = fingerprint("a");
+    let absurd = [
+        Duration::MAX,
+        // 400 000 000 000 years.
+        Duration::from_secs(400_000_000_000 * 365 * 24 * 3600),
+        crate::transition::MAX_SPAN + Duration::from_millis(1),
+    ];
+    for duration in absurd {
+        assert_out_of_range(store.begin(&key, &fp, duration).await, "begin", duration);
+    }
+    assert_eq!(store.get(&key).await.unwrap(), None, "nothing was claimed");
+    let lease = acquire(&**store, &key, &fp, unit * 4).await;
+    for duration in absurd {
+        assert_out_of_range(
+            store.renew(&key, lease.token, duration).await,
+            "renew",
+            duration,
+        );
+        assert_out_of_range(
+            store
+                .complete(&key, lease.token, &Stored::new(200), duration)
+                .await,
+            "complete",
+            duration,
+        );
+    }
+    let record = store.get(&key).await.unwrap().expect("still held");
+    assert_eq!(record.token, lease.token);
+    assert!(matches!(record.state, RecordState::InFlight { .. }));
+    // The store still serves, and the longest accepted span works.
+    let renewed = store.renew(&key, lease.token, unit * 4).await.unwrap();
+    assert_eq!(renewed.token, lease.token);
+    store
+        .complete(
+            &key,
+            lease.token,
+            &Stored::new(200),
+            crate::transition::MAX_SPAN,
+        )
+        .await
+        .expect("the longest retention is accepted");
+    assert!(matches!(
+        store.begin(&key, &fp, unit).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+    acquire(&**store, &scoped("absurd-after"), &fp, unit).await;
+}
+
+fn assert_out_of_range<T: std::fmt::Debug>(
+    result: Result<T, StoreError>,
+    operation: &str,
+    duration: Duration,
+) {
+    match result {
+        Err(StoreError::DurationOutOfRange {
+            operation: op,
+            duration: refused,
+        }) => {
+            assert_eq!(op, operation);
+            assert_eq!(refused, duration);
+        }
+        other => panic!("{operation} with {duration:?} should be out of range, got {other:?}"),
+    }
 }
 
 /// `renew` keeps a long operation's key held past its first lease.
@@ -676,7 +866,11 @@ macro_rules! __conformance_cases {
             in_flight_retry_after,
             lease_expiry_takeover,
             stale_token_is_fenced,
-            complete_after_lease_end_is_rejected,
+            late_complete_is_kept,
+            complete_is_idempotent_for_its_token,
+            complete_after_release_is_rejected,
+            complete_after_takeover_is_rejected,
+            absurd_durations_are_refused,
             renew_extends_the_lease,
             release_then_begin_again,
             retention_expiry,

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use super::{fingerprint, scoped};
-use crate::{Begin, Clock, ManualClock, RecordState, Store, StoreError, Stored, Token};
+use crate::{Begin, Clock, ManualClock, RecordState, Store, StoreError, Stored, Token, transition};
 
 const KEYS: usize = 3;
 const ACTORS: usize = 3;
@@ -25,7 +25,7 @@ pub enum Op {
         key: usize,
         /// Which of two fingerprints.
         fp: usize,
-        /// Lease, in seconds.
+        /// Lease, in seconds (some past [`transition::MAX_SPAN`]).
         lease_secs: u64,
     },
     /// `actor` completes `key` with the last token it got for it.
@@ -36,7 +36,7 @@ pub enum Op {
         key: usize,
         /// Status to store.
         status: u16,
-        /// Retention, in seconds.
+        /// Retention, in seconds (some past [`transition::MAX_SPAN`]).
         retain_secs: u64,
     },
     /// `actor` releases `key`.
@@ -52,7 +52,7 @@ pub enum Op {
         actor: usize,
         /// Which key.
         key: usize,
-        /// New lease, in seconds.
+        /// New lease, in seconds (some past [`transition::MAX_SPAN`]).
         lease_secs: u64,
     },
     /// Reads `key`.
@@ -74,17 +74,26 @@ pub enum Op {
     },
 }
 
+/// Mostly ordinary seconds below `max`, now and then a span no store accepts.
+fn seconds(max: u64) -> impl Strategy<Value = u64> + Clone {
+    prop_oneof![
+        30 => 1..max,
+        1 => Just(transition::MAX_SPAN.as_secs() + 1),
+        1 => Just(u64::MAX),
+    ]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let actor = 0..ACTORS;
     let key = 0..KEYS;
     prop_oneof![
-        4 => (actor.clone(), key.clone(), 0..2usize, 1..20u64)
+        4 => (actor.clone(), key.clone(), 0..2usize, seconds(20))
             .prop_map(|(actor, key, fp, lease_secs)| Op::Begin { actor, key, fp, lease_secs }),
-        3 => (actor.clone(), key.clone(), 200..205u16, 1..40u64).prop_map(
+        3 => (actor.clone(), key.clone(), 200..205u16, seconds(40)).prop_map(
             |(actor, key, status, retain_secs)| Op::Complete { actor, key, status, retain_secs }
         ),
         1 => (actor.clone(), key.clone()).prop_map(|(actor, key)| Op::Release { actor, key }),
-        1 => (actor, key.clone(), 1..20u64)
+        1 => (actor, key.clone(), seconds(20))
             .prop_map(|(actor, key, lease_secs)| Op::Renew { actor, key, lease_secs }),
         1 => key.clone().prop_map(|key| Op::Get { key }),
         1 => key.prop_map(|key| Op::Delete { key }),
@@ -99,7 +108,11 @@ fn op() -> impl Strategy<Value = Op> {
 struct Modelled {
     fp: usize,
     token: Token,
+    /// Lease end, or retention end once completed.
     until: SystemTime,
+    /// Until when the store keeps the record: one lease length past the lease end while in
+    /// flight (for a late complete), the retention end once completed.
+    kept: SystemTime,
     completed: Option<u16>,
 }
 
@@ -115,6 +128,11 @@ impl Model {
         self.records.get(&key).filter(|r| now < r.until)
     }
 
+    /// The record while the store keeps it, expired in-flight records included.
+    fn kept(&self, key: usize, now: SystemTime) -> Option<&Modelled> {
+        self.records.get(&key).filter(|r| now < r.kept)
+    }
+
     fn held_by(&self, actor: usize, key: usize, now: SystemTime) -> Option<Token> {
         let token = *self.held.get(&(actor, key))?;
         let record = self.live(key, now)?;
@@ -124,6 +142,14 @@ impl Model {
 
 fn lost<T: std::fmt::Debug>(result: &Result<T, StoreError>) -> bool {
     matches!(result, Err(StoreError::LeaseLost))
+}
+
+fn out_of_range<T: std::fmt::Debug>(result: &Result<T, StoreError>) -> bool {
+    matches!(result, Err(StoreError::DurationOutOfRange { .. }))
+}
+
+fn too_long(d: Duration) -> bool {
+    d > transition::MAX_SPAN
 }
 
 async fn run<S: Store>(
@@ -150,6 +176,10 @@ async fn run<S: Store>(
                         lease,
                     )
                     .await;
+                if too_long(lease) {
+                    prop_assert!(out_of_range(&answer), "{}: got {:?}", at, answer);
+                    continue;
+                }
                 match (model.live(key, now).cloned(), answer) {
                     (Some(r), Ok(Begin::Mismatch)) if r.fp != fp => {}
                     (Some(r), Ok(Begin::InFlight { retry_after }))
@@ -177,6 +207,7 @@ async fn run<S: Store>(
                                 fp,
                                 token: lease_got.token,
                                 until: now + lease,
+                                kept: now + lease + lease,
                                 completed: None,
                             },
                         );
@@ -206,19 +237,30 @@ async fn run<S: Store>(
                         retain,
                     )
                     .await;
-                if model.held_by(actor, key, now).is_some() {
-                    prop_assert_eq!(result.ok(), Some(now + retain), "{}", at);
-                    if let Some(record) = model.records.get_mut(&key) {
-                        record.until = now + retain;
-                        record.completed = Some(status);
+                if too_long(retain) {
+                    prop_assert!(out_of_range(&result), "{}: got {:?}", at, result);
+                    continue;
+                }
+                match model.kept(key, now).cloned() {
+                    // The holder of the current token completes, even past its lease.
+                    Some(r) if r.token == token && r.completed.is_none() => {
+                        prop_assert_eq!(result.ok(), Some(now + retain), "{}", at);
+                        if let Some(record) = model.records.get_mut(&key) {
+                            record.until = now + retain;
+                            record.kept = now + retain;
+                            record.completed = Some(status);
+                        }
                     }
-                } else {
-                    prop_assert!(
+                    // A repeat by the token that completed it: answered, nothing changes.
+                    Some(r) if r.token == token && now < r.until => {
+                        prop_assert_eq!(result.ok(), Some(r.until), "{}", at);
+                    }
+                    _ => prop_assert!(
                         lost(&result),
                         "{}: expected LeaseLost, got {:?}",
                         at,
                         result
-                    );
+                    ),
                 }
             }
             Op::Release { actor, key } => {
@@ -248,7 +290,9 @@ async fn run<S: Store>(
                 };
                 let lease = Duration::from_secs(lease_secs);
                 let result = store.renew(&scoped(&key.to_string()), token, lease).await;
-                if model.held_by(actor, key, now).is_some() {
+                if too_long(lease) {
+                    prop_assert!(out_of_range(&result), "{}: got {:?}", at, result);
+                } else if model.held_by(actor, key, now).is_some() {
                     prop_assert_eq!(
                         result.ok().map(|l| l.expires_at),
                         Some(now + lease),
@@ -257,6 +301,7 @@ async fn run<S: Store>(
                     );
                     if let Some(record) = model.records.get_mut(&key) {
                         record.until = now + lease;
+                        record.kept = now + lease + lease;
                     }
                 } else {
                     prop_assert!(
@@ -304,7 +349,7 @@ async fn run<S: Store>(
             Op::Sweep => {
                 let removed = store.sweep(usize::MAX).await;
                 prop_assert!(removed.is_ok(), "{}: {:?}", at, removed);
-                model.records.retain(|_, r| now < r.until);
+                model.records.retain(|_, r| now < r.kept);
             }
             Op::Advance { millis } => clock.advance(Duration::from_millis(millis)),
         }
