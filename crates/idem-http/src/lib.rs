@@ -147,6 +147,7 @@ mod extract;
 pub mod fingerprint;
 mod future;
 mod layer;
+mod outcome;
 pub mod path;
 mod policy;
 mod problem;
@@ -157,10 +158,12 @@ mod upstream;
 pub use body::IdempotencyBody;
 pub use budget::{BodyBudget, DEFAULT_BODY_BUDGET, DEFAULT_BODY_BUDGET_WAIT};
 pub use date::fmt_http_date;
-pub use extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromCredentials};
+pub use extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromRequest};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
-pub use policy::{IdempotencyPolicy, OnConflict, PolicyError, ReplayHeaders};
+pub use policy::{
+    IdempotencyPolicy, OnConflict, PolicyError, RELEASED_ALWAYS, ReplayHeaders, UnknownOutcome,
+};
 pub use problem::{IdempotencyError, PROBLEM_JSON, Problem};
 pub use service::Idempotency;
 pub use stats::IdempotencyStats;
