@@ -1,10 +1,10 @@
 //! Pluggable parts: where the key comes from ([`ExtractKey`]) and whose namespace it lives in
 //! ([`MakeScope`]).
 
+use http::HeaderName;
 use http::HeaderValue;
 use http::header::COOKIE;
 use http::request::Parts;
-use http::HeaderName;
 use idem::{Key, Scope};
 
 use crate::IdempotencyError;

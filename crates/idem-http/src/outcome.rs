@@ -345,10 +345,18 @@ mod tests {
         assert_eq!(after_run(&holds, Upstream::Failed), AfterRun::Hold);
         assert_eq!(after_run(&holds, Upstream::TimedOut), AfterRun::Hold);
         for code in [200, 201, 400, 404, 409, 422, 500, 502] {
-            assert_eq!(after_run(&stores, answered(code)), AfterRun::Store, "{code}");
+            assert_eq!(
+                after_run(&stores, answered(code)),
+                AfterRun::Store,
+                "{code}"
+            );
         }
         for code in [408, 425, 429, 503] {
-            assert_eq!(after_run(&stores, answered(code)), AfterRun::Release, "{code}");
+            assert_eq!(
+                after_run(&stores, answered(code)),
+                AfterRun::Release,
+                "{code}"
+            );
         }
         assert_eq!(after_run(&holds, answered(500)), AfterRun::Release);
         assert_eq!(after_run(&holds, answered(201)), AfterRun::Store);

@@ -267,9 +267,10 @@ impl IdempotencyPolicy {
         let mut methods = Vec::with_capacity(self.methods.len());
         for method in &self.methods {
             // Frameworks upper-case the method they receive, so idem decides on the same.
-            let parsed = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                PolicyError::new("methods", format!("has {method:?}, which is not a method"))
-            })?;
+            let parsed =
+                Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    PolicyError::new("methods", format!("has {method:?}, which is not a method"))
+                })?;
             if matches!(
                 parsed,
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
@@ -288,10 +289,22 @@ impl IdempotencyPolicy {
             ("lease", self.lease, MAX_LEASE),
             ("retention", self.retention, MAX_RETENTION),
             ("wait_timeout", self.wait_timeout, MAX_WAIT),
-            ("upstream_timeout", self.upstream_timeout, MAX_UPSTREAM_TIMEOUT),
+            (
+                "upstream_timeout",
+                self.upstream_timeout,
+                MAX_UPSTREAM_TIMEOUT,
+            ),
             ("store_timeout", self.store_timeout, MAX_STORE_TIMEOUT),
-            ("body_read_timeout", self.body_read_timeout, MAX_BODY_READ_TIMEOUT),
-            ("in_flight_retry_after", self.in_flight_retry_after, MAX_WAIT),
+            (
+                "body_read_timeout",
+                self.body_read_timeout,
+                MAX_BODY_READ_TIMEOUT,
+            ),
+            (
+                "in_flight_retry_after",
+                self.in_flight_retry_after,
+                MAX_WAIT,
+            ),
         ] {
             if value.is_zero() {
                 return Err(PolicyError::new(field, "must be more than zero"));
@@ -306,7 +319,10 @@ impl IdempotencyPolicy {
         if self.complete_for > MAX_COMPLETE_FOR {
             return Err(PolicyError::new(
                 "complete_for",
-                format!("is {:?}; at most {MAX_COMPLETE_FOR:?} is allowed", self.complete_for),
+                format!(
+                    "is {:?}; at most {MAX_COMPLETE_FOR:?} is allowed",
+                    self.complete_for
+                ),
             ));
         }
         let mut release_statuses = RELEASED_ALWAYS.to_vec();
@@ -453,11 +469,15 @@ impl ScopeSource {
         match text.split_once(':') {
             Some((kind, name)) if kind.eq_ignore_ascii_case("cookie") => {
                 let valid = !name.is_empty()
-                    && name.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
                 valid.then(|| Self::Cookie(name.to_owned()))
             }
             Some(_) => None,
-            None => HeaderName::from_bytes(text.as_bytes()).ok().map(Self::Header),
+            None => HeaderName::from_bytes(text.as_bytes())
+                .ok()
+                .map(Self::Header),
         }
     }
 }
@@ -495,6 +515,46 @@ mod tests {
         assert_eq!(policy.wait_timeout, Duration::from_secs(10));
         assert!(!policy.fail_open);
         assert!(policy.store_server_errors);
+        assert!(policy.release_statuses.is_empty());
+        assert_eq!(policy.upstream_timeout, Duration::from_secs(60));
+        assert_eq!(policy.unknown_outcome, UnknownOutcome::Store);
+        assert_eq!(policy.store_timeout, Duration::from_secs(2));
+        assert_eq!(policy.complete_for, Duration::from_secs(10));
+        assert_eq!(policy.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(policy.in_flight_retry_after, Duration::from_secs(1));
+        assert_eq!(
+            policy.scope_sources,
+            ["authorization", "x-api-key", "cookie"]
+        );
+        assert!(!policy.scope_required);
+    }
+
+    #[test]
+    fn scope_sources_are_headers_or_named_cookies() {
+        let config = IdempotencyPolicy {
+            scope_sources: vec!["X-Tenant".into(), "cookie:session".into()],
+            ..Default::default()
+        }
+        .compile()
+        .unwrap();
+        assert_eq!(
+            config.scope_sources,
+            [
+                ScopeSource::Header(HeaderName::from_static("x-tenant")),
+                ScopeSource::Cookie("session".into())
+            ]
+        );
+        for bad in ["cookie:", "cookie:a b", "bad header", "other:x"] {
+            let policy = IdempotencyPolicy {
+                scope_sources: vec![bad.into()],
+                ..Default::default()
+            };
+            assert_eq!(
+                policy.validate().unwrap_err().field(),
+                "scope_sources",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

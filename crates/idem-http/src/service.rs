@@ -15,8 +15,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, re
 use http_body::Body;
 use http_body_util::BodyExt;
 use idem::{
-    Begin, BoxError, Fingerprint, HoldOptions, Holder, Lease, ScopedKey, Store, StoreError,
-    Stored, TimeoutStore,
+    Begin, BoxError, Fingerprint, HoldOptions, Holder, Lease, ScopedKey, Store, StoreError, Stored,
+    TimeoutStore,
 };
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
@@ -328,7 +328,10 @@ where
             backoff,
             observed_latency: shared.stats.observed_latency(),
         };
-        match (after_refusal(&shared.config, refusal.kind(), waiting), refusal) {
+        match (
+            after_refusal(&shared.config, refusal.kind(), waiting),
+            refusal,
+        ) {
             (AfterRefusal::Replay, Refusal::Completed { stored, expires_at }) => {
                 shared.stats.count(Counter::Replayed);
                 return replay(&stored, expires_at);
@@ -396,7 +399,10 @@ where
     let room_until = shared.budget.deadline();
     let mut reserved = Reserved::default();
     if let Some(len) = declared
-        && !shared.budget.grow(&mut reserved, len as usize, room_until).await
+        && !shared
+            .budget
+            .grow(&mut reserved, len as usize, room_until)
+            .await
     {
         return Err(overloaded);
     }
@@ -426,12 +432,7 @@ where
             return Err(IdempotencyError::BodyTooLarge { limit });
         }
         let missing = total.saturating_sub(reserved.bytes());
-        if missing > 0
-            && !shared
-                .budget
-                .grow(&mut reserved, missing, room_until)
-                .await
-        {
+        if missing > 0 && !shared.budget.grow(&mut reserved, missing, room_until).await {
             return Err(overloaded);
         }
         while data.has_remaining() {
