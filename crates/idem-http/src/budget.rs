@@ -27,9 +27,19 @@ pub struct BodyBudget {
     wait: Duration,
 }
 
-/// Bytes taken from a [`BodyBudget`], given back when dropped.
-#[derive(Debug)]
-pub(crate) struct Reserved(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+/// Bytes taken from a [`BodyBudget`] by one request, given back when dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Reserved {
+    permit: Option<OwnedSemaphorePermit>,
+    bytes: usize,
+}
+
+impl Reserved {
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
 
 /// The default cap: 64 MiB.
 pub const DEFAULT_BODY_BUDGET: usize = 64 << 20;
@@ -57,21 +67,32 @@ impl BodyBudget {
         self.capacity
     }
 
-    /// Takes `bytes` (capped at the budget's capacity), waiting up to the budget's wait
-    /// deadline `until`; `None` when the room did not come in time.
-    pub(crate) async fn reserve(
+    /// Adds `more` bytes to `reserved`, waiting until `until` for room; `false` when the
+    /// room did not come in time. One request never asks for more than the whole budget.
+    pub(crate) async fn grow(
         &self,
-        bytes: usize,
+        reserved: &mut Reserved,
+        more: usize,
         until: tokio::time::Instant,
-    ) -> Option<Reserved> {
-        if bytes == 0 {
-            return Some(Reserved(None));
+    ) -> bool {
+        let more = more.min(self.capacity.saturating_sub(reserved.bytes));
+        if more == 0 {
+            return true;
         }
-        let wanted = u32::try_from(bytes.min(self.capacity)).unwrap_or(u32::MAX);
+        let Ok(wanted) = u32::try_from(more) else {
+            return false;
+        };
         let acquire = Arc::clone(&self.bytes).acquire_many_owned(wanted);
         match tokio::time::timeout_at(until, acquire).await {
-            Ok(Ok(permit)) => Some(Reserved(Some(permit))),
-            _ => None,
+            Ok(Ok(permit)) => {
+                match &mut reserved.permit {
+                    Some(held) => held.merge(permit),
+                    None => reserved.permit = Some(permit),
+                }
+                reserved.bytes += more;
+                true
+            }
+            _ => false,
         }
     }
 

@@ -1,12 +1,14 @@
 //! Pluggable parts: where the key comes from ([`ExtractKey`]) and whose namespace it lives in
 //! ([`MakeScope`]).
 
-use http::header::AUTHORIZATION;
+use http::HeaderName;
+use http::HeaderValue;
+use http::header::COOKIE;
 use http::request::Parts;
-use http::{HeaderName, HeaderValue};
 use idem::{Key, Scope};
 
 use crate::IdempotencyError;
+use crate::policy::ScopeSource;
 
 /// Decides the tenant namespace of a keyed request. Keys in different scopes never meet, so
 /// one tenant can never be given another tenant's stored response.
@@ -44,47 +46,115 @@ where
     }
 }
 
-/// The default scope: a hash of the `Authorization` header, else of `X-Api-Key`, else
-/// [`Scope::anonymous`]. The credential itself is never stored (see [`Scope::from_secret`]).
+/// The default scope: the caller's identity read from the policy's
+/// [`scope_sources`](crate::IdempotencyPolicy::scope_sources) (by default `Authorization`,
+/// then `X-Api-Key`, then `Cookie`; the first present wins), hashed, else
+/// [`Scope::anonymous`]. The credential itself is never stored (see
+/// [`Scope::from_keyed_secret`]); with a secret
+/// ([`IdempotencyLayer::scope_secret`](crate::IdempotencyLayer::scope_secret)) the hash is
+/// keyed, so a dump of the store does not let anyone test guessed credentials offline.
 ///
-/// All values of the header count, and the header's name is hashed with them, so the same
-/// string sent as `Authorization` and as `X-Api-Key` gives two scopes. A client whose
-/// credential changes (a rotated token) changes scope: its earlier keys are not found.
+/// Every value of the source counts, and the source's name is hashed with them, so the same
+/// string sent as `Authorization` and as `X-Api-Key` gives two scopes. A caller whose
+/// credential changes (a rotated token, a new session cookie) changes scope: its earlier
+/// keys are not found.
 ///
 /// ```
 /// use idem::Scope;
-/// use idem_http::{MakeScope, ScopeFromCredentials};
+/// use idem_http::{IdempotencyPolicy, MakeScope, ScopeFromRequest};
 ///
 /// let parts = |name: &str, value: &str| {
 ///     http::Request::builder().header(name, value).body(()).unwrap().into_parts().0
 /// };
-/// let by_token = ScopeFromCredentials.make_scope(&parts("authorization", "Bearer a"));
-/// let by_other_token = ScopeFromCredentials.make_scope(&parts("authorization", "Bearer b"));
-/// let by_api_key = ScopeFromCredentials.make_scope(&parts("x-api-key", "Bearer a"));
-/// assert_ne!(by_token, by_other_token);
-/// assert_ne!(by_token, by_api_key);
-/// assert_eq!(ScopeFromCredentials.make_scope(&parts("accept", "*/*")), Scope::anonymous());
+/// let scope = ScopeFromRequest::new(&IdempotencyPolicy::default(), Some(b"a secret of 16+ bytes")).unwrap();
+/// let by_token = scope.make_scope(&parts("authorization", "Bearer a"));
+/// assert_ne!(by_token, scope.make_scope(&parts("authorization", "Bearer b")));
+/// assert_ne!(by_token, scope.make_scope(&parts("x-api-key", "Bearer a")));
+/// assert_ne!(scope.make_scope(&parts("cookie", "session=u1")), Scope::anonymous());
+/// assert_eq!(scope.make_scope(&parts("accept", "*/*")), Scope::anonymous());
 /// ```
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ScopeFromCredentials;
+#[derive(Clone)]
+pub struct ScopeFromRequest {
+    sources: Vec<ScopeSource>,
+    key: [u8; 32],
+}
 
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+impl std::fmt::Debug for ScopeFromRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScopeFromRequest")
+            .field("sources", &self.sources)
+            .finish_non_exhaustive()
+    }
+}
 
-impl MakeScope for ScopeFromCredentials {
-    fn make_scope(&self, parts: &Parts) -> Scope {
-        for name in [AUTHORIZATION, X_API_KEY] {
-            let mut values = parts.headers.get_all(&name).iter().peekable();
-            if values.peek().is_none() {
-                continue;
-            }
-            let mut secret = name.as_str().as_bytes().to_vec();
-            for value in values {
-                secret.push(b'\n');
-                secret.extend_from_slice(value.as_bytes());
-            }
-            return Scope::from_secret(&secret);
+impl ScopeFromRequest {
+    /// Reads the policy's scope sources; hashes with `secret` when given.
+    pub fn new(
+        policy: &crate::IdempotencyPolicy,
+        secret: Option<&[u8]>,
+    ) -> Result<Self, crate::PolicyError> {
+        Ok(Self::from_config(&policy.compile()?, secret))
+    }
+
+    pub(crate) fn from_config(config: &crate::policy::Config, secret: Option<&[u8]>) -> Self {
+        Self {
+            sources: config.scope_sources.clone(),
+            key: Scope::key_from_secret(secret.unwrap_or_default()),
         }
-        Scope::anonymous()
+    }
+
+    /// The identity the request presents, if any: the source's name and its values.
+    fn identity(&self, parts: &Parts) -> Option<Vec<u8>> {
+        for source in &self.sources {
+            let mut identity = Vec::new();
+            match source {
+                ScopeSource::Header(name) => {
+                    let mut values = parts.headers.get_all(name).iter().peekable();
+                    if values.peek().is_none() {
+                        continue;
+                    }
+                    identity.extend_from_slice(name.as_str().as_bytes());
+                    for value in values {
+                        identity.push(b'\n');
+                        identity.extend_from_slice(value.as_bytes());
+                    }
+                }
+                ScopeSource::Cookie(wanted) => {
+                    let Some(value) = cookie(parts, wanted) else {
+                        continue;
+                    };
+                    identity.extend_from_slice(b"cookie:");
+                    identity.extend_from_slice(wanted.as_bytes());
+                    identity.push(b'\n');
+                    identity.extend_from_slice(value);
+                }
+            }
+            return Some(identity);
+        }
+        None
+    }
+}
+
+/// The value of the first cookie called `wanted`, from every `Cookie` header.
+fn cookie<'a>(parts: &'a Parts, wanted: &str) -> Option<&'a [u8]> {
+    parts
+        .headers
+        .get_all(COOKIE)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let at = pair.iter().position(|&b| b == b'=')?;
+            (pair[..at].trim_ascii() == wanted.as_bytes()).then(|| pair[at + 1..].trim_ascii())
+        })
+}
+
+impl MakeScope for ScopeFromRequest {
+    fn make_scope(&self, parts: &Parts) -> Scope {
+        match self.identity(parts) {
+            Some(identity) => Scope::from_keyed_secret(&self.key, &identity),
+            None => Scope::anonymous(),
+        }
     }
 }
 

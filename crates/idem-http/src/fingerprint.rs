@@ -18,10 +18,21 @@ use serde_json::Value;
 use crate::policy::Config;
 
 /// The fingerprint of a request under a policy.
-pub(crate) fn request_fingerprint(config: &Config, parts: &Parts, body: &[u8]) -> Fingerprint {
+/// `path` is the request's normalised path ([`normalize_path`](crate::path::normalize_path)),
+/// and the method enters upper-cased: requests the inner service cannot tell apart have
+/// one fingerprint.
+pub(crate) fn request_fingerprint(
+    config: &Config,
+    parts: &Parts,
+    path: &str,
+    body: &[u8],
+) -> Fingerprint {
     let mut builder = Fingerprint::builder();
-    builder.push("method", parts.method.as_str().as_bytes());
-    builder.push("path", parts.uri.path().as_bytes());
+    builder.push(
+        "method",
+        parts.method.as_str().to_ascii_uppercase().as_bytes(),
+    );
+    builder.push("path", path.as_bytes());
     builder.push("query", parts.uri.query().unwrap_or_default().as_bytes());
     for name in &config.fingerprint_headers {
         let mut present = false;
@@ -280,6 +291,19 @@ mod tests {
         builder.body(()).unwrap().into_parts().0
     }
 
+    fn fingerprint_of(config: &Config, parts: &Parts, body: &[u8]) -> Fingerprint {
+        request_fingerprint(config, parts, parts.uri.path(), body)
+    }
+
+    #[test]
+    fn method_case_does_not_matter() {
+        let c = config();
+        assert_eq!(
+            fingerprint_of(&c, &parts("post", "/a", None), b"x"),
+            fingerprint_of(&c, &parts("POST", "/a", None), b"x")
+        );
+    }
+
     fn config() -> Config {
         crate::IdempotencyPolicy {
             json_ignore: vec!["/ts".into()],
@@ -293,10 +317,10 @@ mod tests {
     fn json_key_order_and_ignored_fields_do_not_matter() {
         let c = config();
         let p = parts("POST", "/pay?x=1", Some("application/json; charset=utf-8"));
-        let a = request_fingerprint(&c, &p, br#"{"a":1,"b":2,"ts":1}"#);
-        let b = request_fingerprint(&c, &p, br#"{ "b":2, "ts":2, "a":1 }"#);
+        let a = fingerprint_of(&c, &p, br#"{"a":1,"b":2,"ts":1}"#);
+        let b = fingerprint_of(&c, &p, br#"{ "b":2, "ts":2, "a":1 }"#);
         assert_eq!(a, b);
-        let other = request_fingerprint(&c, &p, br#"{"a":1,"b":3}"#);
+        let other = fingerprint_of(&c, &p, br#"{"a":1,"b":3}"#);
         assert_ne!(a, other);
     }
 
@@ -305,40 +329,40 @@ mod tests {
         let c = config();
         let vnd = parts("POST", "/", Some("application/vnd.api+JSON"));
         assert_eq!(
-            request_fingerprint(&c, &vnd, br#"{"a":1,"b":2}"#),
-            request_fingerprint(&c, &vnd, br#"{"b":2,"a":1}"#)
+            fingerprint_of(&c, &vnd, br#"{"a":1,"b":2}"#),
+            fingerprint_of(&c, &vnd, br#"{"b":2,"a":1}"#)
         );
         let text = parts("POST", "/", Some("text/plain"));
         assert_ne!(
-            request_fingerprint(&c, &text, br#"{"a":1,"b":2}"#),
-            request_fingerprint(&c, &text, br#"{"b":2,"a":1}"#)
+            fingerprint_of(&c, &text, br#"{"a":1,"b":2}"#),
+            fingerprint_of(&c, &text, br#"{"b":2,"a":1}"#)
         );
     }
 
     #[test]
     fn method_path_query_and_headers_count() {
         let c = config();
-        let base = request_fingerprint(&c, &parts("POST", "/a?q=1", None), b"x");
+        let base = fingerprint_of(&c, &parts("POST", "/a?q=1", None), b"x");
         for other in [
             parts("PATCH", "/a?q=1", None),
             parts("POST", "/b?q=1", None),
             parts("POST", "/a?q=2", None),
             parts("POST", "/a?q=1", Some("text/plain")),
         ] {
-            assert_ne!(base, request_fingerprint(&c, &other, b"x"));
+            assert_ne!(base, fingerprint_of(&c, &other, b"x"));
         }
         // Scheme and authority are not part of the request's identity.
         let absolute = parts("POST", "http://example.com/a?q=1", None);
-        assert_eq!(base, request_fingerprint(&c, &absolute, b"x"));
+        assert_eq!(base, fingerprint_of(&c, &absolute, b"x"));
     }
 
     #[test]
     fn malformed_json_falls_back_to_raw_bytes() {
         let c = config();
         let p = parts("POST", "/", Some("application/json"));
-        let a = request_fingerprint(&c, &p, b"{not json");
-        let b = request_fingerprint(&c, &p, b"{not json");
-        let d = request_fingerprint(&c, &p, b"{not  json");
+        let a = fingerprint_of(&c, &p, b"{not json");
+        let b = fingerprint_of(&c, &p, b"{not json");
+        let d = fingerprint_of(&c, &p, b"{not  json");
         assert_eq!(a, b);
         assert_ne!(a, d);
     }

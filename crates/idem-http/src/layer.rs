@@ -3,11 +3,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use idem::Store;
+use idem::{Store, TimeoutStore};
 use tower::Layer;
 
 use crate::budget::BodyBudget;
-use crate::extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromCredentials};
+use crate::extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromRequest};
 use crate::policy::{Config, IdempotencyPolicy, PolicyError};
 use crate::service::{Idempotency, Shared};
 use crate::stats::IdempotencyStats;
@@ -37,10 +37,11 @@ pub struct IdempotencyLayer<St> {
     store: Arc<St>,
     config: Arc<Config>,
     make_scope: Arc<dyn MakeScope>,
+    /// Whether `make_scope` is the caller's own (then `scope_secret` does not replace it).
+    custom_scope: bool,
     extract_key: Arc<dyn ExtractKey>,
     stats: Arc<IdempotencyStats>,
     budget: BodyBudget,
-    scope_secret: Option<Arc<[u8]>>,
 }
 
 impl<St: Store> IdempotencyLayer<St> {
@@ -66,12 +67,12 @@ impl<St: Store> IdempotencyLayer<St> {
         ));
         Self {
             store,
+            make_scope: Arc::new(ScopeFromRequest::from_config(&config, None)),
+            custom_scope: false,
             config: Arc::new(config),
-            make_scope: Arc::new(ScopeFromCredentials),
             extract_key,
             stats: Arc::default(),
             budget: BodyBudget::default(),
-            scope_secret: None,
         }
     }
 
@@ -87,14 +88,23 @@ impl<St: Store> IdempotencyLayer<St> {
     /// that a dump of the store does not let anyone test guessed credentials against the
     /// stored scopes offline. Every process sharing a store must use the same secret, or
     /// they will not find each other's keys.
-    pub fn scope_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
-        self.scope_secret = Some(Arc::from(secret.into()));
+    ///
+    /// It has no effect once [`make_scope`](Self::make_scope) replaced the default scope.
+    pub fn scope_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        if !self.custom_scope {
+            self.make_scope = Arc::new(ScopeFromRequest::from_config(
+                &self.config,
+                Some(secret.as_ref()),
+            ));
+        }
         self
     }
 
-    /// Replaces how a request's scope is decided (default [`ScopeFromCredentials`]).
+    /// Replaces how a request's scope is decided (default [`ScopeFromRequest`], from the
+    /// policy's `scope_sources`).
     pub fn make_scope(mut self, make_scope: impl MakeScope) -> Self {
         self.make_scope = Arc::new(make_scope);
+        self.custom_scope = true;
         self
     }
 
@@ -128,10 +138,10 @@ impl<St> Clone for IdempotencyLayer<St> {
             store: Arc::clone(&self.store),
             config: Arc::clone(&self.config),
             make_scope: Arc::clone(&self.make_scope),
+            custom_scope: self.custom_scope,
             extract_key: Arc::clone(&self.extract_key),
             stats: Arc::clone(&self.stats),
             budget: self.budget.clone(),
-            scope_secret: self.scope_secret.clone(),
         }
     }
 }
@@ -153,11 +163,12 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
         Idempotency::from_shared(
             inner,
             Arc::new(Shared {
-                store: Arc::clone(&self.store),
+                store: TimeoutStore::new(Arc::clone(&self.store), self.config.policy.store_timeout),
                 config: Arc::clone(&self.config),
                 make_scope: Arc::clone(&self.make_scope),
                 extract_key: Arc::clone(&self.extract_key),
                 stats: Arc::clone(&self.stats),
+                budget: self.budget.clone(),
             }),
         )
     }

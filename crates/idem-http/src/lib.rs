@@ -18,8 +18,19 @@
 //! | a malformed key (empty, too long, not printable ASCII, bad sf-string, sent twice) | `400`, saying what is wrong |
 //! | a body over [`max_request_body`](IdempotencyPolicy::max_request_body) | `413`; nothing stored |
 //! | the store cannot be reached | `503` with `Retry-After` (fail closed); or, with [`fail_open`](IdempotencyPolicy::fail_open), forwarded unprotected and counted |
-//! | the inner service fails without answering (upstream unreachable) | `502`; the key is released, so a retry may run |
+//! | the inner service fails before anything was sent (its error carries [`NotSent`]: connect refused, connect timeout) | `502` `upstream-unavailable`; the key is released, so a retry may run |
+//! | the inner service fails after the request may have been sent (reset, closed) | an unknown outcome: `502` `outcome-unknown`, **stored** and replayed; never run again automatically (or, with [`unknown_outcome`](IdempotencyPolicy::unknown_outcome) `= "hold"`, the key stays claimed until its lease ends) |
+//! | no answer within [`upstream_timeout`](IdempotencyPolicy::upstream_timeout) | an unknown outcome: `504` `upstream-timeout`, stored and replayed (or held) |
+//! | the inner service answers `408`, `425`, `429` or a status in [`release_statuses`](IdempotencyPolicy::release_statuses) | returned, not stored; the key is released (nothing was processed) |
+//! | a keyed body slower than [`body_read_timeout`](IdempotencyPolicy::body_read_timeout) | `408` `body-timeout`; nothing ran |
+//! | the shared [`BodyBudget`] of buffered keyed bodies is spent | `503` `overloaded` + `Retry-After`; nothing ran |
+//! | a protected method on an ambiguous path (encoded `/`, dot segments; see [`path::normalize_path`]) | `400` `ambiguous-path` |
+//! | no caller identity where [`scope_required`](IdempotencyPolicy::scope_required) | `400` `missing-identity` |
 //! | any other method (`GET`, `HEAD`, `OPTIONS`, `TRACE`, …), or no key where it is optional | passed through untouched, body not buffered |
+//!
+//! Methods are compared without regard to case (`post` is `POST`, as the frameworks behind
+//! the layer treat it), and the path is the normalised, percent-decoded one, so idem
+//! decides on the request the inner service will see.
 //!
 //! Every answer the layer makes itself is an RFC 9457 `application/problem+json` body with a
 //! stable `type` URI (see [`IdempotencyError`]).
@@ -40,8 +51,10 @@
 //! ## What makes two requests the same
 //!
 //! The key is looked up within a *scope*: by default a hash of the `Authorization` header,
-//! else of `X-Api-Key`, else anonymous ([`ScopeFromCredentials`]; replace it with
-//! [`IdempotencyLayer::make_scope`]). One tenant never receives another's stored response.
+//! else of `X-Api-Key`, else of `Cookie`, else anonymous ([`ScopeFromRequest`], from the
+//! policy's [`scope_sources`](IdempotencyPolicy::scope_sources); keyed with
+//! [`IdempotencyLayer::scope_secret`]; replace it with [`IdempotencyLayer::make_scope`]).
+//! One caller never receives another's stored response.
 //! Within the scope, the key is bound to the request's fingerprint: method, path, query, the
 //! [`fingerprint_headers`](IdempotencyPolicy::fingerprint_headers) and the body, with JSON
 //! bodies canonicalized and [`json_ignore`](IdempotencyPolicy::json_ignore)d fields left
@@ -54,17 +67,24 @@
 //!   them; the response is stored and the retry replays it.
 //! - **Stored, then returned.** A fresh response reaches its client only after the store
 //!   accepted it, so a client that got an answer will get the same answer on retry.
-//! - **Held while running.** The key's lease is renewed while the inner call runs. If this
-//!   process dies mid-request, the key is held until the lease ends; a retry after that
-//!   may run the operation again (the forwarded key lets the upstream catch that).
+//! - **Held while running.** The key's lease is renewed every third of the lease, on a task
+//!   of its own, while the inner call runs. If this process dies mid-request, the key is
+//!   held until the lease ends; a retry after that may run the operation again (the
+//!   forwarded key lets the upstream catch that).
+//! - **Deadlines everywhere.** Every store call has [`store_timeout`](IdempotencyPolicy::store_timeout),
+//!   the inner call [`upstream_timeout`](IdempotencyPolicy::upstream_timeout), the body
+//!   [`body_read_timeout`](IdempotencyPolicy::body_read_timeout).
 //! - **What is stored**: any response, `5xx` included (it may have had effects), unless
 //!   [`store_server_errors`](IdempotencyPolicy::store_server_errors) is off. A response
 //!   body over [`max_stored_body`](IdempotencyPolicy::max_stored_body) is streamed through
 //!   once and only its status is kept: a retry gets `409` `response-not-kept` (with the
 //!   `original_status`), never a second execution. A response whose body fails midway is
 //!   treated the same way. Trailers are not stored.
-//! - If storing the outcome fails, the client still gets its response; the key then stays
-//!   claimed until its lease ends.
+//! - If storing the outcome fails, it is retried with backoff for
+//!   [`complete_for`](IdempotencyPolicy::complete_for) while the lease is renewed. If it
+//!   still fails, the client gets its response, the key is never released (it stays
+//!   claimed until its lease ends), and it is logged and counted
+//!   ([`IdempotencyStats::not_stored`]).
 //!
 //! ## Example: an axum app
 //!
@@ -147,6 +167,7 @@ mod extract;
 pub mod fingerprint;
 mod future;
 mod layer;
+mod outcome;
 pub mod path;
 mod policy;
 mod problem;
@@ -157,10 +178,12 @@ mod upstream;
 pub use body::IdempotencyBody;
 pub use budget::{BodyBudget, DEFAULT_BODY_BUDGET, DEFAULT_BODY_BUDGET_WAIT};
 pub use date::fmt_http_date;
-pub use extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromCredentials};
+pub use extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromRequest};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
-pub use policy::{IdempotencyPolicy, OnConflict, PolicyError, ReplayHeaders};
+pub use policy::{
+    IdempotencyPolicy, OnConflict, PolicyError, RELEASED_ALWAYS, ReplayHeaders, UnknownOutcome,
+};
 pub use problem::{IdempotencyError, PROBLEM_JSON, Problem};
 pub use service::Idempotency;
 pub use stats::IdempotencyStats;

@@ -94,6 +94,65 @@ pub struct IdempotencyPolicy {
     /// Which response headers are stored and replayed. Default: all, except the ones that
     /// are never kept (see [`ReplayHeaders`]).
     pub replay_headers: ReplayHeaders,
+    /// Upstream statuses that mean "not processed", beside `408`, `425` and `429` (which
+    /// always are): such a response is returned to its client but not stored, and the key
+    /// is released so a retry may run. Each must be a `4xx` or `5xx`. Default empty.
+    pub release_statuses: Vec<u16>,
+    /// How long the inner call may take, up to the end of the part of its response body
+    /// that is stored. Past it the request is an unknown outcome (see
+    /// [`unknown_outcome`](Self::unknown_outcome)): answered `504` `upstream-timeout` and
+    /// never run again automatically. Default 60 s; at most 24 h.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    /// What happens to a key whose request may have reached the inner service without an
+    /// answer (a connection reset or closed after the request was written, or
+    /// `upstream_timeout`). Default [`UnknownOutcome::Store`].
+    pub unknown_outcome: UnknownOutcome,
+    /// The deadline of every single store call (claim, renewal, completion, release).
+    /// A store that does not answer in time counts as unavailable. Default 2 s; at most
+    /// 5 min.
+    #[serde(with = "humantime_serde")]
+    pub store_timeout: Duration,
+    /// How long storing a completed response is retried when the store fails, while the
+    /// lease is renewed. If it still fails, the client gets its response, the key stays
+    /// held until its lease ends (never released), and this is logged and counted.
+    /// Default 10 s; at most 10 min.
+    #[serde(with = "humantime_serde")]
+    pub complete_for: Duration,
+    /// How long a keyed request's body may take to arrive whole; past it the request is
+    /// answered `408` `body-timeout` and nothing runs. Default 10 s; at most 1 h.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// The `Retry-After` hint of a `409` in flight before any upstream latency has been
+    /// observed on this layer; afterwards the hint is the observed latency. Never past the
+    /// running request's lease. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub in_flight_retry_after: Duration,
+    /// Where a caller's identity (its scope) comes from, first present wins: a header name,
+    /// or `cookie:NAME` for one named cookie. The whole `cookie` header counts as one
+    /// source, so a rotating cookie (a CSRF token, an analytics id) makes a new scope: name
+    /// the session cookie instead. Default `["authorization", "x-api-key", "cookie"]`.
+    pub scope_sources: Vec<String>,
+    /// Refuse keyed requests that carry none of the scope sources with `400`
+    /// `missing-identity`, instead of letting them share the anonymous scope. Default
+    /// `false`.
+    pub scope_required: bool,
+}
+
+/// What happens to a key whose request may have been processed without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownOutcome {
+    /// Store the `502` `outcome-unknown` (or `504` `upstream-timeout`) problem as the key's
+    /// outcome and replay it for `retention`, like a stored `5xx`. The safe default: the
+    /// operation never runs twice; the client checks with the upstream before using a
+    /// new key.
+    #[default]
+    Store,
+    /// Leave the key claimed (no renewal) until its lease ends: retries meanwhile get
+    /// `409`; after the lease one may run again. For upstreams that catch duplicates
+    /// themselves by the forwarded key.
+    Hold,
 }
 
 impl Default for IdempotencyPolicy {
@@ -115,6 +174,19 @@ impl Default for IdempotencyPolicy {
             fail_open: false,
             store_server_errors: true,
             replay_headers: ReplayHeaders::default(),
+            release_statuses: Vec::new(),
+            upstream_timeout: Duration::from_secs(60),
+            unknown_outcome: UnknownOutcome::Store,
+            store_timeout: Duration::from_secs(2),
+            complete_for: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            in_flight_retry_after: Duration::from_secs(1),
+            scope_sources: vec![
+                "authorization".to_owned(),
+                "x-api-key".to_owned(),
+                "cookie".to_owned(),
+            ],
+            scope_required: false,
         }
     }
 }
@@ -194,9 +266,11 @@ impl IdempotencyPolicy {
         let header = header_name("header", &self.header)?;
         let mut methods = Vec::with_capacity(self.methods.len());
         for method in &self.methods {
-            let parsed = Method::from_bytes(method.as_bytes()).map_err(|_| {
-                PolicyError::new("methods", format!("has {method:?}, which is not a method"))
-            })?;
+            // Frameworks upper-case the method they receive, so idem decides on the same.
+            let parsed =
+                Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    PolicyError::new("methods", format!("has {method:?}, which is not a method"))
+                })?;
             if matches!(
                 parsed,
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
@@ -211,12 +285,68 @@ impl IdempotencyPolicy {
         if self.max_key_len == 0 {
             return Err(PolicyError::new("max_key_len", "must be at least 1"));
         }
-        if self.lease.is_zero() {
-            return Err(PolicyError::new("lease", "must be more than zero"));
+        for (field, value, at_most) in [
+            ("lease", self.lease, MAX_LEASE),
+            ("retention", self.retention, MAX_RETENTION),
+            ("wait_timeout", self.wait_timeout, MAX_WAIT),
+            (
+                "upstream_timeout",
+                self.upstream_timeout,
+                MAX_UPSTREAM_TIMEOUT,
+            ),
+            ("store_timeout", self.store_timeout, MAX_STORE_TIMEOUT),
+            (
+                "body_read_timeout",
+                self.body_read_timeout,
+                MAX_BODY_READ_TIMEOUT,
+            ),
+            (
+                "in_flight_retry_after",
+                self.in_flight_retry_after,
+                MAX_WAIT,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(PolicyError::new(field, "must be more than zero"));
+            }
+            if value > at_most {
+                return Err(PolicyError::new(
+                    field,
+                    format!("is {value:?}; at most {at_most:?} is allowed"),
+                ));
+            }
         }
-        if self.retention.is_zero() {
-            return Err(PolicyError::new("retention", "must be more than zero"));
+        if self.complete_for > MAX_COMPLETE_FOR {
+            return Err(PolicyError::new(
+                "complete_for",
+                format!(
+                    "is {:?}; at most {MAX_COMPLETE_FOR:?} is allowed",
+                    self.complete_for
+                ),
+            ));
         }
+        let mut release_statuses = RELEASED_ALWAYS.to_vec();
+        for &status in &self.release_statuses {
+            if !(400..=599).contains(&status) {
+                return Err(PolicyError::new(
+                    "release_statuses",
+                    format!("has {status}; only 4xx and 5xx statuses can mean \"not processed\""),
+                ));
+            }
+            release_statuses.push(status);
+        }
+        let scope_sources = self
+            .scope_sources
+            .iter()
+            .map(|source| {
+                ScopeSource::parse(source).ok_or_else(|| {
+                    PolicyError::new(
+                        "scope_sources",
+                        format!("has {source:?}, which is neither a header name nor `cookie:NAME`"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let fingerprint_headers = self
             .fingerprint_headers
             .iter()
@@ -254,6 +384,8 @@ impl IdempotencyPolicy {
             fingerprint_headers,
             json_ignore,
             replay,
+            release_statuses,
+            scope_sources,
         })
     }
 }
@@ -267,6 +399,18 @@ fn header_names(field: &'static str, names: &[String]) -> Result<Vec<HeaderName>
     names.iter().map(|name| header_name(field, name)).collect()
 }
 
+/// Upstream statuses that always mean "not processed": `408` Request Timeout, `425` Too
+/// Early, `429` Too Many Requests.
+pub const RELEASED_ALWAYS: [u16; 3] = [408, 425, 429];
+
+const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
+const MAX_RETENTION: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
+const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const MAX_COMPLETE_FOR: Duration = Duration::from_secs(10 * 60);
+const MAX_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
 /// A validated policy, with names parsed once.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -276,11 +420,65 @@ pub(crate) struct Config {
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) json_ignore: Vec<JsonPointer>,
     pub(crate) replay: HeaderFilter,
+    pub(crate) release_statuses: Vec<u16>,
+    pub(crate) scope_sources: Vec<ScopeSource>,
 }
 
 impl Config {
+    /// Whether `method` is protected, compared as the frameworks behind the layer compare
+    /// it: without regard to case.
     pub(crate) fn covers(&self, method: &Method) -> bool {
-        self.methods.contains(method)
+        self.methods
+            .iter()
+            .any(|covered| covered.as_str().eq_ignore_ascii_case(method.as_str()))
+    }
+
+    /// Whether an upstream answer with `status` means nothing was processed, so the key is
+    /// released rather than the answer stored.
+    pub(crate) fn releases(&self, status: http::StatusCode) -> bool {
+        self.release_statuses.contains(&status.as_u16())
+            || (status.is_server_error() && !self.policy.store_server_errors)
+    }
+
+    /// The headers idem decides on, which a client's `Connection` must not strip before
+    /// the inner service sees them.
+    pub(crate) fn relied_on(&self, name: &str) -> bool {
+        self.header.as_str().eq_ignore_ascii_case(name)
+            || self
+                .fingerprint_headers
+                .iter()
+                .any(|header| header.as_str().eq_ignore_ascii_case(name))
+            || self.scope_sources.iter().any(|source| match source {
+                ScopeSource::Header(header) => header.as_str().eq_ignore_ascii_case(name),
+                ScopeSource::Cookie(_) => name.eq_ignore_ascii_case("cookie"),
+            })
+    }
+}
+
+/// One place a caller's identity is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ScopeSource {
+    /// Every value of this header.
+    Header(HeaderName),
+    /// The value of this one cookie.
+    Cookie(String),
+}
+
+impl ScopeSource {
+    fn parse(text: &str) -> Option<Self> {
+        match text.split_once(':') {
+            Some((kind, name)) if kind.eq_ignore_ascii_case("cookie") => {
+                let valid = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+                valid.then(|| Self::Cookie(name.to_owned()))
+            }
+            Some(_) => None,
+            None => HeaderName::from_bytes(text.as_bytes())
+                .ok()
+                .map(Self::Header),
+        }
     }
 }
 
@@ -317,6 +515,46 @@ mod tests {
         assert_eq!(policy.wait_timeout, Duration::from_secs(10));
         assert!(!policy.fail_open);
         assert!(policy.store_server_errors);
+        assert!(policy.release_statuses.is_empty());
+        assert_eq!(policy.upstream_timeout, Duration::from_secs(60));
+        assert_eq!(policy.unknown_outcome, UnknownOutcome::Store);
+        assert_eq!(policy.store_timeout, Duration::from_secs(2));
+        assert_eq!(policy.complete_for, Duration::from_secs(10));
+        assert_eq!(policy.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(policy.in_flight_retry_after, Duration::from_secs(1));
+        assert_eq!(
+            policy.scope_sources,
+            ["authorization", "x-api-key", "cookie"]
+        );
+        assert!(!policy.scope_required);
+    }
+
+    #[test]
+    fn scope_sources_are_headers_or_named_cookies() {
+        let config = IdempotencyPolicy {
+            scope_sources: vec!["X-Tenant".into(), "cookie:session".into()],
+            ..Default::default()
+        }
+        .compile()
+        .unwrap();
+        assert_eq!(
+            config.scope_sources,
+            [
+                ScopeSource::Header(HeaderName::from_static("x-tenant")),
+                ScopeSource::Cookie("session".into())
+            ]
+        );
+        for bad in ["cookie:", "cookie:a b", "bad header", "other:x"] {
+            let policy = IdempotencyPolicy {
+                scope_sources: vec![bad.into()],
+                ..Default::default()
+            };
+            assert_eq!(
+                policy.validate().unwrap_err().field(),
+                "scope_sources",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

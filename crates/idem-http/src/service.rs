@@ -1,42 +1,56 @@
-//! [`Idempotency`]: the service the layer wraps around an inner service.
+//! [`Idempotency`]: the service the layer wraps around an inner service. It carries out
+//! the steps the outcome table (`outcome.rs`) decides: read the body, claim, run, store.
 
+use std::borrow::Cow;
 use std::fmt;
-use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, response};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
-use idem::{Begin, BoxError, Fingerprint, ScopedKey, Store, StoreError, Stored, Token};
-use tokio::time::{Instant, MissedTickBehavior};
+use http_body_util::BodyExt;
+use idem::{
+    Begin, BoxError, Fingerprint, HoldOptions, Holder, Lease, ScopedKey, Store, StoreError, Stored,
+    TimeoutStore,
+};
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use crate::body::IdempotencyBody;
+use crate::budget::{BodyBudget, Reserved};
 use crate::extract::{ExtractKey, MakeScope};
 use crate::fingerprint::request_fingerprint;
 use crate::future::ResponseFuture;
-use crate::policy::{Config, OnConflict};
-use crate::problem::{IdempotencyError, set_expires};
+use crate::outcome::{
+    AfterRefusal, AfterRun, Arrival, Entry, Refused, Upstream, Waiting, after_refusal, after_run,
+    on_arrival,
+};
+use crate::path::normalize_path;
+use crate::policy::Config;
+use crate::problem::{IdempotencyError, PROBLEM_JSON, set_expires};
 use crate::stats::{Counter, IdempotencyStats};
-use crate::{IDEMPOTENT_REPLAYED, IdempotencyLayer};
+use crate::{IDEMPOTENT_REPLAYED, IdempotencyLayer, NotSent};
 
 /// First and longest pause between polls of the store while waiting for a request in flight.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
+/// The `Retry-After` of a `503` for a spent body budget.
+const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What every service made by one layer shares.
 pub(crate) struct Shared<St> {
-    pub(crate) store: Arc<St>,
+    /// The store, every call under the policy's `store_timeout`.
+    pub(crate) store: TimeoutStore<Arc<St>>,
     pub(crate) config: Arc<Config>,
     pub(crate) make_scope: Arc<dyn MakeScope>,
     pub(crate) extract_key: Arc<dyn ExtractKey>,
     pub(crate) stats: Arc<IdempotencyStats>,
+    pub(crate) budget: BodyBudget,
 }
 
 /// A service that makes the keyed requests of its inner service take effect exactly once.
@@ -46,9 +60,11 @@ pub(crate) struct Shared<St> {
 ///
 /// Its error type is the inner service's, but it only ever returns one for a request it
 /// passes through untouched (an unprotected method, or no key where the key is optional)
-/// and from [`poll_ready`](Service::poll_ready). For a keyed request, an inner error (an
-/// upstream that could not be reached) becomes a `502` problem response and the key is
-/// released, so a retry may run. With axum, whose services never fail, it never errors.
+/// and from [`poll_ready`](Service::poll_ready). For a keyed request an inner error becomes
+/// a problem response: `502` `upstream-unavailable` with the key released when the error
+/// carries [`NotSent`] (nothing left), else `502` `outcome-unknown`, stored and replayed,
+/// because the request may have been processed. With axum, whose services never fail, it
+/// never errors.
 ///
 /// # Requirements
 ///
@@ -112,7 +128,7 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotency")
             .field("inner", &self.inner)
-            .field("store", &self.shared.store)
+            .field("store", self.shared.store.get_ref())
             .field("policy", &self.shared.config.policy)
             .finish_non_exhaustive()
     }
@@ -139,40 +155,66 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let config = &self.shared.config;
+        let shared = &self.shared;
+        let config = &shared.config;
         if !config.covers(request.method()) {
             return ResponseFuture::passthrough(self.inner.call(request));
         }
-        let (parts, body) = request.into_parts();
-        let key = match self.shared.extract_key.extract_key(&parts) {
-            Ok(Some(key)) => key,
-            Ok(None) if !config.policy.key_required => {
-                return ResponseFuture::passthrough(
-                    self.inner.call(Request::from_parts(parts, body)),
-                );
-            }
-            Ok(None) => {
-                let error = IdempotencyError::MissingKey {
-                    header: config.header.clone(),
-                };
-                return ResponseFuture::ready(problem(&error, None));
-            }
-            Err(error) => {
-                tracing::debug!(%error, "refused an idempotency key");
-                return ResponseFuture::ready(problem(&error, None));
-            }
-        };
-        let key = ScopedKey::new(self.shared.make_scope.make_scope(&parts), key);
-        // The keyed path calls a clone (made ready on the task that uses it), leaving
-        // `self.inner` ready for the next call.
-        let inner = self.inner.clone();
-        ResponseFuture::managed(Box::pin(keyed(
-            Arc::clone(&self.shared),
-            inner,
+        let (mut parts, body) = request.into_parts();
+        let path = normalize_path(parts.uri.path()).map(Cow::into_owned);
+        let key = shared.extract_key.extract_key(&parts);
+        let scope = matches!(key, Ok(Some(_))).then(|| shared.make_scope.make_scope(&parts));
+        let arrival = Arrival {
+            covered: true,
+            path: path.as_ref().map(drop).map_err(Clone::clone),
             key,
-            parts,
-            body,
-        )))
+            scope: scope.as_ref(),
+        };
+        match (on_arrival(config, arrival), path, scope) {
+            (Entry::Keyed(key), Ok(path), Some(scope)) => {
+                protect_relied_on_headers(config, &mut parts.headers);
+                // The keyed path calls a clone (made ready on the task that uses it),
+                // leaving `self.inner` ready for the next call.
+                let inner = self.inner.clone();
+                let key = ScopedKey::new(scope, key);
+                ResponseFuture::managed(Box::pin(keyed(
+                    Arc::clone(shared),
+                    inner,
+                    key,
+                    Request::from_parts(parts, body),
+                    path,
+                )))
+            }
+            (Entry::Refuse(error), _, _) => {
+                tracing::debug!(%error, "refused a keyed request");
+                ResponseFuture::ready(problem(&error, None))
+            }
+            _ => ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body))),
+        }
+    }
+}
+
+/// Removes, from the `Connection` header of a keyed request, the headers idem decided on
+/// (the key, fingerprinted and scope headers): a proxy or server behind the layer would
+/// otherwise drop them, and the inner service would see another request than idem did.
+fn protect_relied_on_headers(config: &Config, headers: &mut HeaderMap) {
+    if !headers.contains_key(CONNECTION) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && !config.relied_on(token))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(CONNECTION);
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", "))
+        && !kept.is_empty()
+    {
+        headers.insert(CONNECTION, value);
     }
 }
 
@@ -203,13 +245,26 @@ enum Refusal {
     StoreFailed(StoreError),
 }
 
+impl Refusal {
+    fn kind(&self) -> Refused {
+        match self {
+            Self::Completed { .. } => Refused::Completed,
+            Self::Mismatch => Refused::Mismatch,
+            Self::InFlight { retry_after } => Refused::InFlight {
+                lease_left: *retry_after,
+            },
+            Self::StoreFailed(_) => Refused::StoreFailed,
+        }
+    }
+}
+
 /// Everything after the key was found: read the body, claim, run or answer.
 async fn keyed<S, St, ReqBody, ResBody>(
     shared: Arc<Shared<St>>,
     inner: S,
     key: ScopedKey,
-    parts: Parts,
-    body: ReqBody,
+    request: Request<ReqBody>,
+    path: String,
 ) -> Response<IdempotencyBody<ResBody>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -222,21 +277,20 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send + 'static,
 {
-    let policy = &shared.config.policy;
-    let limit = policy.max_request_body;
-    if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
-        return problem(&IdempotencyError::BodyTooLarge { limit }, None);
-    }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<LengthLimitError>() => {
-            return problem(&IdempotencyError::BodyTooLarge { limit }, None);
+    let (parts, body) = request.into_parts();
+    // Held until the request is answered: the body's bytes live that long.
+    let (body, _reserved) = match read_body(&shared, &parts.headers, body).await {
+        Ok(read) => read,
+        Err(error) => {
+            if matches!(error, IdempotencyError::Overloaded { .. }) {
+                shared.stats.count(Counter::Overloaded);
+            }
+            return problem(&error, None);
         }
-        Err(source) => return problem(&IdempotencyError::BodyUnreadable { source }, None),
     };
-    let fingerprint = request_fingerprint(&shared.config, &parts, &body);
-
-    let deadline = Instant::now() + policy.wait_timeout;
+    let fingerprint = request_fingerprint(&shared.config, &parts, &path, &body);
+    let policy = &shared.config.policy;
+    let wait_until = Instant::now() + policy.wait_timeout;
     let mut backoff = FIRST_BACKOFF;
     let mut first_claim = true;
     let mut job = Job { inner, parts, body };
@@ -259,20 +313,30 @@ where
             }
             Err(error) => match error.try_into_panic() {
                 Ok(panic) => std::panic::resume_unwind(panic),
+                // The runtime is shutting down: the request may have been sent.
                 Err(cancelled) => {
-                    let error = IdempotencyError::UpstreamUnavailable {
+                    let error = IdempotencyError::OutcomeUnknown {
                         source: cancelled.into(),
                     };
                     return problem(&error, None);
                 }
             },
         };
-        match refusal {
-            Refusal::Completed { stored, expires_at } => {
+        let waiting = Waiting {
+            first_claim,
+            wait_left: wait_until.saturating_duration_since(Instant::now()),
+            backoff,
+            observed_latency: shared.stats.observed_latency(),
+        };
+        match (
+            after_refusal(&shared.config, refusal.kind(), waiting),
+            refusal,
+        ) {
+            (AfterRefusal::Replay, Refusal::Completed { stored, expires_at }) => {
                 shared.stats.count(Counter::Replayed);
                 return replay(&stored, expires_at);
             }
-            Refusal::Mismatch => {
+            (AfterRefusal::Mismatch, _) => {
                 shared.stats.count(Counter::Mismatch);
                 let expires = match shared.store.get(&key).await {
                     Ok(record) => record.map(|r| r.expires_at()),
@@ -280,30 +344,105 @@ where
                 };
                 return problem(&IdempotencyError::Mismatch, expires);
             }
-            Refusal::InFlight { retry_after } => {
-                let now = Instant::now();
-                if policy.on_conflict == OnConflict::Wait && now < deadline {
-                    tokio::time::sleep(backoff.min(deadline - now)).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    first_claim = false;
-                    continue;
-                }
-                shared.stats.count(Counter::InFlight);
-                let lease_end = SystemTime::now() + retry_after;
-                return problem(&IdempotencyError::InFlight { retry_after }, Some(lease_end));
+            (AfterRefusal::WaitThenRetry(pause), _) => {
+                tokio::time::sleep(pause).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                first_claim = false;
             }
-            Refusal::StoreFailed(source) => {
+            (AfterRefusal::Conflict { retry_after }, refusal) => {
+                shared.stats.count(Counter::InFlight);
+                let lease_end = match refusal {
+                    Refusal::InFlight { retry_after: left } => SystemTime::now().checked_add(left),
+                    _ => None,
+                };
+                return problem(&IdempotencyError::InFlight { retry_after }, lease_end);
+            }
+            (AfterRefusal::ForwardUnprotected, Refusal::StoreFailed(source)) => {
                 shared.stats.count(Counter::StoreError);
-                if first_claim && policy.fail_open {
-                    tracing::warn!(error = %source, ?key, "idempotency store failed; forwarding unprotected (fail_open)");
-                    shared.stats.count(Counter::FailOpen);
-                    return forward_unprotected(job).await;
-                }
+                shared.stats.count(Counter::FailOpen);
+                tracing::warn!(error = %source, ?key, "idempotency store failed; forwarding unprotected (fail_open)");
+                return forward_unprotected(job).await;
+            }
+            (_, refusal) => {
+                let source = match refusal {
+                    Refusal::StoreFailed(source) => source,
+                    _ => StoreError::corrupt("the store's answer does not fit the claim"),
+                };
+                shared.stats.count(Counter::StoreError);
                 tracing::warn!(error = %source, ?key, "idempotency store failed; answering 503");
                 return problem(&IdempotencyError::StoreUnavailable { source }, None);
             }
         }
     }
+}
+
+/// Reads a keyed request's body whole, within `max_request_body`, `body_read_timeout`
+/// and the shared body budget.
+async fn read_body<St, B>(
+    shared: &Shared<St>,
+    headers: &HeaderMap,
+    body: B,
+) -> Result<(Bytes, Reserved), IdempotencyError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let policy = &shared.config.policy;
+    let limit = policy.max_request_body;
+    let declared = declared_length(headers);
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(IdempotencyError::BodyTooLarge { limit });
+    }
+    let overloaded = IdempotencyError::Overloaded {
+        retry_after: OVERLOADED_RETRY_AFTER,
+    };
+    let room_until = shared.budget.deadline();
+    let mut reserved = Reserved::default();
+    if let Some(len) = declared
+        && !shared
+            .budget
+            .grow(&mut reserved, len as usize, room_until)
+            .await
+    {
+        return Err(overloaded);
+    }
+    let read_until = Instant::now() + policy.body_read_timeout;
+    let mut body = pin!(body);
+    let mut read = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(read_until, body.frame()).await {
+            Err(_) => {
+                return Err(IdempotencyError::BodyTimeout {
+                    after: policy.body_read_timeout,
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(source))) => {
+                return Err(IdempotencyError::BodyUnreadable {
+                    source: source.into(),
+                });
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        let total = read.len() + data.remaining();
+        if total > limit {
+            return Err(IdempotencyError::BodyTooLarge { limit });
+        }
+        let missing = total.saturating_sub(reserved.bytes());
+        if missing > 0 && !shared.budget.grow(&mut reserved, missing, room_until).await {
+            return Err(overloaded);
+        }
+        while data.has_remaining() {
+            let chunk = data.chunk();
+            read.extend_from_slice(chunk);
+            let len = chunk.len();
+            data.advance(len);
+        }
+    }
+    Ok((read.freeze(), reserved))
 }
 
 /// Claims the key; if acquired, runs the request and stores its outcome.
@@ -325,7 +464,7 @@ where
     let lease = shared.config.policy.lease;
     let refusal = match shared.store.begin(&key, &fingerprint, lease).await {
         Ok(Begin::Acquired(claim)) => {
-            return Attempt::Ran(execute(&shared, &key, claim.token, job).await);
+            return Attempt::Ran(execute(&shared, key, claim, job).await);
         }
         Ok(Begin::Completed { stored, expires_at }) => Refusal::Completed { stored, expires_at },
         Ok(Begin::Mismatch) => Refusal::Mismatch,
@@ -335,26 +474,23 @@ where
     Attempt::Refused(refusal, job)
 }
 
-/// How the inner call went, with the response body read as far as storing needs.
-enum Ran<B: Body> {
-    /// The inner service failed without a response.
-    Failed(BoxError),
-    /// A `5xx` the policy does not store; its body is untouched.
-    Released(response::Parts, B),
+/// The response body read as far as storing needs.
+enum Read<B: Body> {
     /// The whole body, within `max_stored_body`.
     Complete(response::Parts, Bytes),
-    /// The body is larger than `max_stored_body`: what was read, and the rest.
-    TooLarge(response::Parts, Bytes, Pin<Box<B>>),
+    /// The body is larger than `max_stored_body`, or did not end within
+    /// `upstream_timeout`: what was read, and the rest.
+    NotKept(response::Parts, Bytes, std::pin::Pin<Box<B>>),
     /// The body failed after these bytes.
-    BodyFailed(response::Parts, Bytes, B::Error),
+    Failed(response::Parts, Bytes, B::Error),
 }
 
-/// Runs a request whose key this process holds with `token`, then completes the key with
-/// its outcome (or releases it), and answers.
+/// Runs a request whose key this process claimed with `lease`, then stores its outcome
+/// (or releases or holds the key, as the outcome table says), and answers.
 async fn execute<S, St, ReqBody, ResBody>(
     shared: &Shared<St>,
-    key: &ScopedKey,
-    token: Token,
+    key: ScopedKey,
+    lease: Lease,
     job: Job<S>,
 ) -> Response<IdempotencyBody<ResBody>>
 where
@@ -366,139 +502,165 @@ where
 {
     shared.stats.count(Counter::Executed);
     let policy = &shared.config.policy;
-    let Job { inner, parts, body } = job;
-    let request = Request::from_parts(parts, ReqBody::from(body));
-    let run = run_inner(
-        inner,
-        request,
-        policy.max_stored_body,
-        policy.store_server_errors,
+    let holder = Holder::start(
+        shared.store.clone(),
+        key,
+        lease,
+        HoldOptions {
+            complete_for: policy.complete_for,
+            ..HoldOptions::new(policy.lease)
+        },
     );
-    let (parts, body, kept_body) = match renewing(shared, key, token, policy.lease, run).await {
-        Ran::Failed(source) => {
-            tracing::warn!(error = %source, ?key, "inner service failed; releasing the key");
-            release(shared, key, token).await;
-            return problem(&IdempotencyError::UpstreamUnavailable { source }, None);
-        }
-        Ran::Released(parts, body) => {
-            release(shared, key, token).await;
-            return Response::from_parts(parts, IdempotencyBody::passthrough(body));
-        }
-        Ran::Complete(parts, bytes) => (parts, IdempotencyBody::full(bytes.clone()), Some(bytes)),
-        Ran::TooLarge(parts, prefix, rest) => (parts, IdempotencyBody::rest(prefix, rest), None),
-        Ran::BodyFailed(parts, prefix, error) => {
-            tracing::warn!(?key, "inner response body failed; keeping its status only");
-            (parts, IdempotencyBody::failed(prefix, error), None)
+    let Job {
+        mut inner,
+        parts,
+        body,
+    } = job;
+    let request = Request::from_parts(parts, ReqBody::from(body));
+    let started = Instant::now();
+    let deadline = started + policy.upstream_timeout;
+    let call = async {
+        match inner.ready().await {
+            Ok(ready) => ready.call(request).await.map_err(Into::into),
+            Err(error) => Err(error.into()),
         }
     };
-    let mut stored = Stored::new(parts.status.as_u16());
-    for (name, value) in kept_headers(&shared.config, &parts.headers) {
-        stored = stored.with_header(name, value);
-    }
-    stored = match kept_body {
-        Some(bytes) => stored.with_body(bytes),
-        None => stored.without_body(),
+    let answer = tokio::time::timeout_at(deadline, call).await;
+    let upstream = match &answer {
+        Err(_) => Upstream::TimedOut,
+        Ok(Err(error)) if NotSent::is_in(&**error) => Upstream::NotSent,
+        Ok(Err(_)) => Upstream::Failed,
+        Ok(Ok(response)) => {
+            shared.stats.observe_latency(started.elapsed());
+            Upstream::Answered(response.status())
+        }
     };
-    let mut response = Response::from_parts(parts, body);
-    match shared
-        .store
-        .complete(key, token, &stored, policy.retention)
-        .await
-    {
+    let unknown = |answer: Result<Result<Response<ResBody>, BoxError>, _>| match answer {
+        Ok(Err(source)) => IdempotencyError::OutcomeUnknown { source },
+        _ => IdempotencyError::UpstreamTimeout {
+            after: policy.upstream_timeout,
+        },
+    };
+    let (mut response, stored) = match (after_run(&shared.config, upstream), answer) {
+        (AfterRun::Release, answer) => {
+            if let Err(error) = holder.release().await {
+                // The key stays claimed until its lease ends; a retry then runs.
+                shared.stats.count(Counter::StoreError);
+                tracing::warn!(%error, "could not release an idempotency key");
+            }
+            return match answer {
+                Ok(Ok(response)) => response.map(IdempotencyBody::passthrough),
+                Ok(Err(source)) => {
+                    tracing::warn!(error = %source, "upstream unreachable; the key was released");
+                    problem(&IdempotencyError::UpstreamUnavailable { source }, None)
+                }
+                Err(elapsed) => problem(&unknown(Err(elapsed)), None),
+            };
+        }
+        (AfterRun::Hold, answer) => {
+            let error = unknown(answer);
+            shared.stats.count(Counter::UnknownOutcome);
+            tracing::warn!(%error, key = ?holder.key(), "unknown outcome; the key stays held until its lease ends");
+            holder.hold();
+            return problem(&error, None);
+        }
+        (AfterRun::Store, Ok(Ok(response))) => {
+            let (parts, body) = response.into_parts();
+            match read_for_storing(parts, body, policy.max_stored_body, deadline).await {
+                Read::Complete(parts, bytes) => {
+                    let stored = to_stored(&shared.config, &parts, Some(bytes.clone()));
+                    (
+                        Response::from_parts(parts, IdempotencyBody::full(bytes)),
+                        stored,
+                    )
+                }
+                Read::NotKept(parts, prefix, rest) => {
+                    let stored = to_stored(&shared.config, &parts, None);
+                    (
+                        Response::from_parts(parts, IdempotencyBody::rest(prefix, rest)),
+                        stored,
+                    )
+                }
+                Read::Failed(parts, prefix, error) => {
+                    tracing::warn!(key = ?holder.key(), "inner response body failed; keeping its status only");
+                    let stored = to_stored(&shared.config, &parts, None);
+                    (
+                        Response::from_parts(parts, IdempotencyBody::failed(prefix, error)),
+                        stored,
+                    )
+                }
+            }
+        }
+        (AfterRun::Store, answer) => {
+            let error = unknown(answer);
+            shared.stats.count(Counter::UnknownOutcome);
+            tracing::warn!(%error, key = ?holder.key(), "unknown outcome; storing it so that it never runs again");
+            let answer = error.to_response();
+            let mut stored = Stored::new(answer.status().as_u16())
+                .with_header(CONTENT_TYPE.as_str(), PROBLEM_JSON)
+                .with_body(answer.body().clone());
+            stored.headers.shrink_to_fit();
+            (answer.map(IdempotencyBody::full), stored)
+        }
+    };
+    let key = holder.key().clone();
+    match holder.complete(&stored, policy.retention).await {
         Ok(expires_at) => set_expires(response.headers_mut(), expires_at),
+        Err(StoreError::LeaseLost) => {
+            // Another claim took the key over after this lease ended: that request may
+            // run the operation again; the forwarded key is the upstream's second line.
+            shared.stats.count(Counter::LeaseLost);
+            tracing::error!(?key, "lease lost before the response could be stored");
+        }
         Err(error) => {
-            // The operation ran; its client still gets the answer. A retry after the lease
-            // ends may run it again: the upstream's own check on the forwarded key is the
-            // second line of defence.
+            // Never released: the key stays held until its lease ends.
             shared.stats.count(Counter::StoreError);
-            tracing::warn!(%error, ?key, "could not store a completed response");
+            shared.stats.count(Counter::NotStored);
+            tracing::error!(%error, ?key, "could not store a completed response; the key stays held until its lease ends");
         }
     }
     response
 }
 
-/// Calls the inner service and reads its response body, up to `max_stored` bytes.
-async fn run_inner<S, ReqBody, ResBody>(
-    mut inner: S,
-    request: Request<ReqBody>,
-    max_stored: usize,
-    store_server_errors: bool,
-) -> Ran<ResBody>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes>,
-{
-    let response = match inner.ready().await {
-        Ok(ready) => ready.call(request).await,
-        Err(error) => Err(error),
-    };
-    let (parts, body) = match response {
-        Ok(response) => response.into_parts(),
-        Err(error) => return Ran::Failed(error.into()),
-    };
-    if parts.status.is_server_error() && !store_server_errors {
-        return Ran::Released(parts, body);
+/// The outcome kept for replay of a response with these parts.
+fn to_stored(config: &Config, parts: &response::Parts, body: Option<Bytes>) -> Stored {
+    let mut stored = Stored::new(parts.status.as_u16());
+    for (name, value) in kept_headers(config, &parts.headers) {
+        stored = stored.with_header(name, value);
     }
+    match body {
+        Some(bytes) => stored.with_body(bytes),
+        None => stored.without_body(),
+    }
+}
+
+/// Reads a response body up to `max_stored` bytes, until `deadline`.
+async fn read_for_storing<B: Body<Data = Bytes>>(
+    parts: response::Parts,
+    body: B,
+    max_stored: usize,
+    deadline: Instant,
+) -> Read<B> {
     let mut body = Box::pin(body);
     if body.size_hint().lower() > max_stored as u64 {
-        return Ran::TooLarge(parts, Bytes::new(), body);
+        return Read::NotKept(parts, Bytes::new(), body);
     }
     let mut read = BytesMut::new();
     loop {
-        match body.frame().await {
-            None => return Ran::Complete(parts, read.freeze()),
-            Some(Ok(frame)) => {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Read::NotKept(parts, read.freeze(), body),
+            Ok(None) => return Read::Complete(parts, read.freeze()),
+            Ok(Some(Ok(frame))) => {
                 // Trailers are not kept.
                 if let Ok(data) = frame.into_data() {
                     read.extend_from_slice(&data);
                     if read.len() > max_stored {
-                        return Ran::TooLarge(parts, read.freeze(), body);
+                        return Read::NotKept(parts, read.freeze(), body);
                     }
                 }
             }
-            Some(Err(error)) => return Ran::BodyFailed(parts, read.freeze(), error),
+            Ok(Some(Err(error))) => return Read::Failed(parts, read.freeze(), error),
         }
-    }
-}
-
-/// Runs `work` while renewing the lease every third of its length, so that a long inner
-/// call keeps its key.
-async fn renewing<St: Store, F: Future>(
-    shared: &Shared<St>,
-    key: &ScopedKey,
-    token: Token,
-    lease: Duration,
-    work: F,
-) -> F::Output {
-    let mut work = pin!(work);
-    let period = lease / 3;
-    if period.is_zero() {
-        return work.await;
-    }
-    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            output = &mut work => return output,
-            _ = tick.tick() => {
-                if let Err(error) = shared.store.renew(key, token, lease).await {
-                    shared.stats.count(Counter::StoreError);
-                    tracing::warn!(%error, ?key, "could not renew an idempotency lease");
-                    if matches!(error, StoreError::LeaseLost) {
-                        return work.await;
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn release<St: Store>(shared: &Shared<St>, key: &ScopedKey, token: Token) {
-    if let Err(error) = shared.store.release(key, token).await {
-        // The key stays claimed until its lease ends; a retry then runs.
-        shared.stats.count(Counter::StoreError);
-        tracing::warn!(%error, ?key, "could not release an idempotency key");
     }
 }
 
@@ -522,12 +684,15 @@ where
     };
     match response {
         Ok(response) => response.map(IdempotencyBody::passthrough),
-        Err(error) => problem(
-            &IdempotencyError::UpstreamUnavailable {
-                source: error.into(),
-            },
-            None,
-        ),
+        Err(error) => {
+            let source: BoxError = error.into();
+            let error = if NotSent::is_in(&*source) {
+                IdempotencyError::UpstreamUnavailable { source }
+            } else {
+                IdempotencyError::OutcomeUnknown { source }
+            };
+            problem(&error, None)
+        }
     }
 }
 

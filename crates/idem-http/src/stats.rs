@@ -13,7 +13,13 @@ pub struct IdempotencyStats {
     mismatches: AtomicU64,
     store_errors: AtomicU64,
     fail_open: AtomicU64,
+    unknown_outcomes: AtomicU64,
+    not_stored: AtomicU64,
+    lease_lost: AtomicU64,
+    overloaded: AtomicU64,
     running: AtomicU64,
+    /// A moving average of the inner service's answer time, in microseconds (0: none yet).
+    latency_micros: AtomicU64,
 }
 
 /// Counts one detached keyed request as running until dropped.
@@ -33,6 +39,10 @@ pub(crate) enum Counter {
     Mismatch,
     StoreError,
     FailOpen,
+    UnknownOutcome,
+    NotStored,
+    LeaseLost,
+    Overloaded,
 }
 
 impl IdempotencyStats {
@@ -44,8 +54,35 @@ impl IdempotencyStats {
             Counter::Mismatch => &self.mismatches,
             Counter::StoreError => &self.store_errors,
             Counter::FailOpen => &self.fail_open,
+            Counter::UnknownOutcome => &self.unknown_outcomes,
+            Counter::NotStored => &self.not_stored,
+            Counter::LeaseLost => &self.lease_lost,
+            Counter::Overloaded => &self.overloaded,
         };
         cell.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Folds one observed answer time of the inner service into the moving average that
+    /// `Retry-After` hints are made of (each new observation weighs one eighth).
+    pub(crate) fn observe_latency(&self, took: std::time::Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .latency_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
+                Some(if average == 0 {
+                    micros
+                } else {
+                    (average - average / 8).saturating_add(micros / 8).max(1)
+                })
+            });
+    }
+
+    /// The inner service's typical answer time so far, if any answer was observed.
+    pub fn observed_latency(&self) -> Option<std::time::Duration> {
+        match self.latency_micros.load(Ordering::Relaxed) {
+            0 => None,
+            micros => Some(std::time::Duration::from_micros(micros)),
+        }
     }
 
     /// Marks a detached keyed request as running until the guard is dropped.
@@ -90,5 +127,29 @@ impl IdempotencyStats {
     /// `fail_open`.
     pub fn fail_open(&self) -> u64 {
         self.fail_open.load(Ordering::Relaxed)
+    }
+
+    /// Keyed requests whose inner call failed after the request may have been sent, or
+    /// timed out: answered `502` `outcome-unknown` or `504` `upstream-timeout`, never run
+    /// again automatically.
+    pub fn unknown_outcomes(&self) -> u64 {
+        self.unknown_outcomes.load(Ordering::Relaxed)
+    }
+
+    /// Completed responses the store would not take even after retrying for
+    /// `complete_for`; their keys stay held until their leases end.
+    pub fn not_stored(&self) -> u64 {
+        self.not_stored.load(Ordering::Relaxed)
+    }
+
+    /// Completed responses that could not be stored because another claim had taken the
+    /// key over after this one's lease ended.
+    pub fn lease_lost(&self) -> u64 {
+        self.lease_lost.load(Ordering::Relaxed)
+    }
+
+    /// Keyed requests answered `503` `overloaded` because the body budget was spent.
+    pub fn overloaded(&self) -> u64 {
+        self.overloaded.load(Ordering::Relaxed)
     }
 }

@@ -180,10 +180,34 @@ impl Scope {
     /// A scope derived from a credential (an `Authorization` value, an API key): its BLAKE3
     /// hash, so that the stored scope does not reveal the credential.
     pub fn from_secret(secret: &[u8]) -> Self {
-        let hash = blake3::derive_key("idem 2026 scope from credential", secret);
+        Self::from_keyed_secret(&Self::key_from_secret(b""), secret)
+    }
+
+    /// The 32-byte hashing key for [`from_keyed_secret`](Self::from_keyed_secret), derived
+    /// from a configured secret of any length (empty: an unkeyed, but still domain
+    /// separated, hash).
+    pub fn key_from_secret(secret: &[u8]) -> [u8; 32] {
+        blake3::derive_key("idem 2026 scope hashing key", secret)
+    }
+
+    /// A scope derived from a credential, hashed with a key only the operator has (see
+    /// [`key_from_secret`](Self::key_from_secret)): a dump of the store then does not allow
+    /// testing guessed credentials offline.
+    ///
+    /// ```
+    /// use idem::Scope;
+    ///
+    /// let key = Scope::key_from_secret(b"from IDEM_SCOPE_SECRET");
+    /// let other = Scope::key_from_secret(b"another deployment");
+    /// let credential = b"Bearer sk_live_a";
+    /// assert_ne!(Scope::from_keyed_secret(&key, credential), Scope::from_keyed_secret(&other, credential));
+    /// assert!(!Scope::from_keyed_secret(&key, credential).as_str().contains("sk_live"));
+    /// ```
+    pub fn from_keyed_secret(key: &[u8; 32], credential: &[u8]) -> Self {
+        let hash = blake3::keyed_hash(key, credential);
         let mut name = String::with_capacity(4 + 32);
         name.push_str("cred");
-        for byte in &hash[..16] {
+        for byte in &hash.as_bytes()[..16] {
             name.push_str(&format!("{byte:02x}"));
         }
         Self(name.into_boxed_str())
