@@ -5,7 +5,6 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use common::{Answer, Harness, Upstream, post, with_body};
 use http::StatusCode;
@@ -123,7 +122,7 @@ async fn a_dropped_request_future_still_completes_and_the_retry_replays_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_closing_its_socket_mid_request_still_gets_the_stored_response_on_retry() {
     // The layered axum app, served on a real socket; its handler is the upstream.
-    let upstream = Upstream::default();
+    let upstream = Upstream::unbound();
     let layer = IdempotencyLayer::with_policy(
         MemoryStore::new(),
         IdempotencyPolicy {
@@ -134,10 +133,7 @@ async fn a_client_closing_its_socket_mid_request_still_gets_the_stored_response_
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new()
-        .fallback(common::handle)
-        .with_state(upstream.clone())
-        .layer(layer);
+    let app = upstream.app().layer(layer);
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     // A raw client: send the request, then hang up while the handler sleeps.

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use common::{Answer, Harness, Proxy, Upstream, post, unreachable_inner, with_body};
 use http::{HeaderValue, Method, Request, StatusCode};
 use idem::testing::FailingStore;
-use idem::{Key, MemoryStore, RecordState, Scope, ScopedKey, Store};
-use idem_http::{IdempotencyLayer, IdempotencyPolicy, OnConflict, ReplayHeaders};
+use idem::{BoxError, Key, MemoryStore, RecordState, Scope, ScopedKey, Store};
+use idem_http::{IdempotencyLayer, IdempotencyPolicy, NotSent, OnConflict, ReplayHeaders};
 use tower::{Layer, ServiceExt};
 
 fn policy() -> IdempotencyPolicy {
@@ -386,22 +386,12 @@ async fn upstream_unreachable_is_502_and_the_key_is_released() {
     let key = ScopedKey::new(Scope::anonymous(), Key::new("u").unwrap());
     assert_eq!(store.get(&key).await.unwrap(), None, "released");
 
-    // An inner service that fails once, then works: the retry runs.
+    // An inner service that fails once before sending, then works: the retry runs.
     let calls = Arc::new(AtomicU64::new(0));
-    let flaky = tower::service_fn({
-        let calls = Arc::clone(&calls);
-        move |_: Request<Body>| {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    Err(std::io::Error::other("connection reset"))
-                } else {
-                    Ok(http::Response::new(Body::from("ok")))
-                }
-            }
-        }
-    });
-    let service = IdempotencyLayer::new(MemoryStore::new()).layer(flaky);
+    let service = IdempotencyLayer::new(MemoryStore::new())
+        .layer(fails_once(Arc::clone(&calls), || {
+            NotSent::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)).into()
+        }));
     let send = || {
         let service = service.clone();
         async move {
@@ -421,6 +411,57 @@ async fn upstream_unreachable_is_502_and_the_key_is_released() {
     let request = with_body(post("/payments", "u", "{}"), "{}");
     let answer = Answer::read(service.oneshot(request).await.unwrap()).await;
     answer.assert_problem(502, "upstream-unavailable");
+}
+
+/// An inner service whose first call fails with `error()`, and later ones answer `ok`.
+fn fails_once(
+    calls: Arc<AtomicU64>,
+    error: fn() -> BoxError,
+) -> impl tower::Service<Request<Body>, Response = http::Response<Body>, Error = BoxError, Future: Send>
++ Clone
++ Send
++ 'static {
+    tower::service_fn(move |_: Request<Body>| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err(error())
+            } else {
+                Ok(http::Response::new(Body::from("ok")))
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_inner_error_after_sending_is_a_stored_unknown_outcome_never_run_again() {
+    // A reset after the request may have been written: not provably unsent.
+    let calls = Arc::new(AtomicU64::new(0));
+    let store = Arc::new(MemoryStore::new());
+    let service = IdempotencyLayer::new(Arc::clone(&store))
+        .layer(fails_once(Arc::clone(&calls), || {
+            std::io::Error::from(std::io::ErrorKind::ConnectionReset).into()
+        }));
+    let send = || {
+        let service = service.clone();
+        async move {
+            let request = with_body(post("/payments", "unknown-1", "{}"), "{}");
+            Answer::read(service.oneshot(request).await.unwrap()).await
+        }
+    };
+    let first = send().await;
+    first.assert_problem(502, "outcome-unknown");
+    assert!(!first.is_replay());
+    let retry = send().await;
+    retry.assert_problem(502, "outcome-unknown");
+    assert!(retry.is_replay(), "stored and replayed: {retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "never run again");
+    let key = ScopedKey::new(Scope::anonymous(), Key::new("unknown-1").unwrap());
+    assert!(
+        store.get(&key).await.unwrap().is_some(),
+        "kept, not released"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
