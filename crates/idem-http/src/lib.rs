@@ -163,6 +163,7 @@
 mod body;
 mod budget;
 mod date;
+mod execute;
 mod extract;
 pub mod fingerprint;
 mod future;
@@ -171,6 +172,8 @@ mod outcome;
 pub mod path;
 mod policy;
 mod problem;
+mod replay;
+mod request;
 mod service;
 mod stats;
 mod upstream;
