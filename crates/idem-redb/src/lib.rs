@@ -10,7 +10,14 @@
 //! in-flight and mismatch answers, `get`) go straight to a read transaction.
 //!
 //! Expired records are swept by that same thread, in bounded batches between groups of
-//! writes, so a large backlog never stalls `begin`.
+//! writes, so a large backlog never stalls `begin`. An in-flight record whose lease ended
+//! stays in the file one more lease length before it is swept (it reads as absent
+//! meanwhile), so that its holder's late [`Store::complete`] still finds it.
+//!
+//! If that thread ever dies (it should not: every duration is checked before use, and a
+//! failed transaction only fails its callers), [`Store::fatal_error`] says why and every
+//! call fails at once with a [`StoreError::Backend`] naming the cause; reopen the store
+//! (restart the process) to recover.
 //!
 //! A file has one owner: a second [`RedbStore`] on the same file, in this process or
 //! another, fails to open with [`OpenError::AlreadyOpen`]. Several gateways that must
@@ -36,8 +43,8 @@ mod row;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -113,6 +120,27 @@ pub struct RedbStore {
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<JoinHandle<()>>,
     clock: Arc<dyn Clock>,
+    /// Why the writer thread died, once it has.
+    writer_died: Arc<OnceLock<String>>,
+}
+
+/// The error every call answers once the writer thread has died.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the idem-redb writer thread died ({0}); the store cannot serve until it is reopened \
+     (restart the process)"
+)]
+struct WriterDied(String);
+
+/// What a panic said, for the fatal error.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        format!("it panicked: {text}")
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        format!("it panicked: {text}")
+    } else {
+        "it panicked".to_owned()
+    }
 }
 
 impl RedbStore {
@@ -149,16 +177,39 @@ impl RedbStore {
         writer::create_tables(&db).map_err(database_error)?;
         let (jobs, inbox) = mpsc::channel();
         let writer = Writer::new(Arc::clone(&db), Arc::clone(&clock), options);
+        let writer_died = Arc::new(OnceLock::new());
+        let died = Arc::clone(&writer_died);
         let thread = std::thread::Builder::new()
             .name("idem-redb-writer".into())
-            .spawn(move || writer.run(inbox))
+            .spawn(move || {
+                // A panic drops the inbox and every waiting reply as it unwinds, so callers
+                // get an error at once instead of waiting forever; the reason is kept for
+                // `fatal_error` and for every later call.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    writer.run(inbox)
+                }));
+                if let Err(payload) = ran {
+                    let reason = panic_message(&*payload);
+                    tracing::error!(%reason, "the idem-redb writer thread died");
+                    let _ = died.set(reason);
+                }
+            })
             .map_err(OpenError::Thread)?;
         Ok(Self {
             db,
             jobs: Some(jobs),
             writer: Some(thread),
             clock,
+            writer_died,
         })
+    }
+
+    /// Fails at once if the writer thread has died.
+    fn alive(&self, operation: &'static str) -> Result<(), StoreError> {
+        match self.writer_died.get() {
+            Some(reason) => Err(StoreError::backend(operation, WriterDied(reason.clone()))),
+            None => Ok(()),
+        }
     }
 
     async fn write<T>(
@@ -166,8 +217,14 @@ impl RedbStore {
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let stopped =
-            || StoreError::backend("reach the writer thread", "the writer thread stopped");
+        let stopped = || {
+            let reason = self
+                .writer_died
+                .get()
+                .cloned()
+                .unwrap_or_else(|| "it stopped".to_owned());
+            StoreError::backend("reach the writer thread", WriterDied(reason))
+        };
         self.jobs
             .as_ref()
             .ok_or_else(stopped)?
@@ -178,13 +235,14 @@ impl RedbStore {
 
     /// How many records the file holds, live or expired but not yet swept.
     pub fn record_count(&self) -> Result<u64, StoreError> {
+        self.alive("count records")?;
         let read_error = |e: redb::Error| StoreError::backend("count records", e);
         let txn = self.db.begin_read().map_err(|e| read_error(e.into()))?;
         let table = txn.open_table(RECORDS).map_err(|e| read_error(e.into()))?;
         table.len().map_err(|e| read_error(e.into()))
     }
 
-    fn read(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
+    fn read(&self, key: &ScopedKey) -> Result<Option<row::Kept>, StoreError> {
         let read_error = |e: redb::Error| StoreError::backend("read a record", e);
         let txn = self.db.begin_read().map_err(|e| read_error(e.into()))?;
         let table = txn.open_table(RECORDS).map_err(|e| read_error(e.into()))?;
@@ -214,13 +272,15 @@ impl Store for RedbStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
+        self.alive("begin")?;
+        transition::span("begin", lease)?;
         // A live record answers without a write: replays, in-flight and mismatch never wait
         // for the writer or an fsync.
-        let current = self.read(key)?;
+        let current = self.read(key)?.map(|kept| kept.record);
         let now = self.clock.now();
         if transition::live(current.as_ref(), now).is_some() {
             let (answer, _) =
-                transition::begin(current.as_ref(), fingerprint, now, lease, || Token::new(0));
+                transition::begin(current.as_ref(), fingerprint, now, lease, || Token::new(0))?;
             return Ok(answer);
         }
         self.write(|reply| Job::Begin {
@@ -239,6 +299,8 @@ impl Store for RedbStore {
         stored: &Stored,
         retain: Duration,
     ) -> Result<SystemTime, StoreError> {
+        self.alive("complete")?;
+        transition::span("complete", retain)?;
         self.write(|reply| Job::Complete {
             key: key.clone(),
             token,
@@ -250,6 +312,7 @@ impl Store for RedbStore {
     }
 
     async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
+        self.alive("release")?;
         self.write(|reply| Job::Release {
             key: key.clone(),
             token,
@@ -264,6 +327,8 @@ impl Store for RedbStore {
         token: Token,
         lease: Duration,
     ) -> Result<Lease, StoreError> {
+        self.alive("renew")?;
+        transition::span("renew", lease)?;
         self.write(|reply| Job::Renew {
             key: key.clone(),
             token,
@@ -274,11 +339,16 @@ impl Store for RedbStore {
     }
 
     async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
+        self.alive("get")?;
         let now = self.clock.now();
-        Ok(self.read(key)?.filter(|record| record.is_live(now)))
+        Ok(self
+            .read(key)?
+            .map(|kept| kept.record)
+            .filter(|record| record.is_live(now)))
     }
 
     async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
+        self.alive("delete")?;
         self.write(|reply| Job::Delete {
             key: key.clone(),
             reply,
@@ -287,6 +357,132 @@ impl Store for RedbStore {
     }
 
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
+        self.alive("sweep")?;
         self.write(|reply| Job::Sweep { limit, reply }).await
+    }
+
+    fn fatal_error(&self) -> Option<String> {
+        self.writer_died
+            .get()
+            .map(|reason| WriterDied(reason.clone()).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use idem::testing::{fingerprint, scoped};
+    use idem::{ManualClock, Stored};
+
+    use super::*;
+
+    /// Kills the writer thread the only way left: a job that exists for this test.
+    fn crash_the_writer(store: &RedbStore) {
+        store
+            .jobs
+            .as_ref()
+            .expect("the store is open")
+            .send(Job::Crash)
+            .expect("the writer takes the job");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.writer_died.get().is_none() {
+            assert!(Instant::now() < deadline, "the writer did not die");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The call's answer, which must come within seconds: a dead writer never hangs a caller.
+    async fn within<T>(call: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("a call on a dead store hung")
+    }
+
+    fn assert_writer_died<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &str) {
+        match result {
+            Err(error @ StoreError::Backend { .. }) => {
+                let source = std::error::Error::source(&error).map(ToString::to_string);
+                let text = source.unwrap_or_default();
+                assert!(
+                    text.contains("writer thread died") && text.contains("told to crash"),
+                    "{what}: unclear error {text:?}"
+                );
+            }
+            other => panic!("{what} should fail because the writer died, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_writer_is_reported_and_every_call_fails_fast() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let clock = ManualClock::new();
+        let store = RedbStore::open_with(
+            dir.path().join("dead.redb"),
+            clock.clone(),
+            RedbOptions::default(),
+        )
+        .expect("open store");
+        let (key, fp, lease) = (scoped("dead"), fingerprint("a"), Duration::from_secs(30));
+        let Begin::Acquired(claim) = store.begin(&key, &fp, lease).await.unwrap() else {
+            panic!("a new key is acquired")
+        };
+        assert_eq!(store.fatal_error(), None);
+
+        crash_the_writer(&store);
+
+        let reason = store.fatal_error().expect("a dead writer is fatal");
+        assert!(reason.contains("told to crash"), "{reason}");
+        let started = Instant::now();
+        assert_writer_died(
+            within(store.begin(&key, &fp, lease)).await,
+            "begin of a held key",
+        );
+        assert_writer_died(
+            within(store.begin(&scoped("fresh"), &fp, lease)).await,
+            "begin of a fresh key",
+        );
+        assert_writer_died(
+            within(store.complete(&key, claim.token, &Stored::new(200), lease)).await,
+            "complete",
+        );
+        assert_writer_died(within(store.renew(&key, claim.token, lease)).await, "renew");
+        assert_writer_died(within(store.release(&key, claim.token)).await, "release");
+        assert_writer_died(within(store.get(&key)).await, "get");
+        assert_writer_died(within(store.delete(&key)).await, "delete");
+        assert_writer_died(within(store.sweep(10)).await, "sweep");
+        assert_writer_died(store.record_count(), "record_count");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "calls failed fast"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_waiting_when_the_writer_dies_gets_an_error() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = RedbStore::open(dir.path().join("waiting.redb")).expect("open store");
+        let jobs = store.jobs.clone().expect("the store is open");
+        // The crash is queued first, so the begin behind it is never served.
+        jobs.send(Job::Crash).expect("the writer takes the job");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.begin(
+                &scoped("waiting"),
+                &fingerprint("a"),
+                Duration::from_secs(30),
+            ),
+        )
+        .await
+        .expect("a caller waiting on a dead writer is answered");
+        assert!(
+            matches!(answer, Err(StoreError::Backend { .. })),
+            "{answer:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.fatal_error().is_none() {
+            assert!(Instant::now() < deadline, "the death was not reported");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

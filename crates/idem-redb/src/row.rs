@@ -1,6 +1,7 @@
 //! How a record is laid out in the redb file.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use idem::{
     Fingerprint, Record, RecordState, ScopedKey, StoreError, Stored, Token, from_unix_millis,
@@ -12,8 +13,8 @@ use serde::{Deserialize, Serialize};
 /// Record rows by [`ScopedKey::digest`].
 pub(crate) const RECORDS: TableDefinition<'static, &[u8], &[u8]> =
     TableDefinition::new("idem_records_v1");
-/// Expiry index: big-endian expiry millis followed by the digest, so a range scan from the
-/// start finds the oldest expiries first.
+/// Expiry index: big-endian millis until which the record is kept (see [`Row::kept_ms`]),
+/// followed by the digest, so a range scan from the start finds the oldest first.
 pub(crate) const EXPIRY: TableDefinition<'static, &[u8], ()> =
     TableDefinition::new("idem_expiry_v1");
 /// Store-wide counters.
@@ -22,7 +23,9 @@ pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::ne
 /// expiry and sweeps.
 pub(crate) const LAST_TOKEN: &str = "last_token";
 
-const ROW_FORMAT: u8 = 1;
+/// Rows written before in-flight records were kept past their lease.
+const ROW_FORMAT_V1: u8 = 1;
+const ROW_FORMAT: u8 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Row {
@@ -34,9 +37,42 @@ struct Row {
     expires_ms: u64,
     // None while in flight.
     outcome: Option<Stored>,
+    /// Until when the record is kept: one lease length past the lease end while in flight
+    /// (so the holder's late complete finds it), the retention end once completed.
+    kept_ms: u64,
 }
 
-pub(crate) fn encode(key: &ScopedKey, record: &Record) -> Result<Vec<u8>, StoreError> {
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct RowV1 {
+    scope: String,
+    key: String,
+    fingerprint: [u8; 32],
+    token: u64,
+    expires_ms: u64,
+    outcome: Option<Stored>,
+}
+
+/// A record as the file holds it, and until when it is kept.
+#[derive(Debug, Clone)]
+pub(crate) struct Kept {
+    pub(crate) record: Record,
+    pub(crate) kept_ms: u64,
+}
+
+impl Kept {
+    /// The record, if it is still kept at `now` (live, or in flight past its lease but
+    /// within one more lease length).
+    pub(crate) fn at(&self, now: SystemTime) -> Option<&Record> {
+        (unix_millis(now) < self.kept_ms).then_some(&self.record)
+    }
+}
+
+pub(crate) fn encode(
+    key: &ScopedKey,
+    record: &Record,
+    kept_until: SystemTime,
+) -> Result<Vec<u8>, StoreError> {
     let (expires_ms, outcome) = match &record.state {
         RecordState::InFlight { lease_expires_at } => (unix_millis(*lease_expires_at), None),
         RecordState::Completed { stored, expires_at } => {
@@ -50,14 +86,28 @@ pub(crate) fn encode(key: &ScopedKey, record: &Record) -> Result<Vec<u8>, StoreE
         token: record.token.get(),
         expires_ms,
         outcome,
+        kept_ms: unix_millis(kept_until).max(expires_ms),
     };
     postcard::to_extend(&row, vec![ROW_FORMAT])
         .map_err(|e| StoreError::backend("encode a record", e))
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Kept, StoreError> {
     let row: Row = match bytes.split_first() {
         Some((&ROW_FORMAT, rest)) => postcard::from_bytes(rest).map_err(StoreError::corrupt)?,
+        Some((&ROW_FORMAT_V1, rest)) => {
+            let old: RowV1 = postcard::from_bytes(rest).map_err(StoreError::corrupt)?;
+            Row {
+                scope: old.scope,
+                key: old.key,
+                fingerprint: old.fingerprint,
+                token: old.token,
+                expires_ms: old.expires_ms,
+                outcome: old.outcome,
+                // Its expiry-index entry is at the expiry: keep it until then, as before.
+                kept_ms: old.expires_ms,
+            }
+        }
         _ => {
             return Err(StoreError::corrupt(
                 "unknown record format in the redb file",
@@ -65,7 +115,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
         }
     };
     let expires_at = from_unix_millis(row.expires_ms);
-    Ok(Record {
+    let record = Record {
         fingerprint: Fingerprint::from_bytes(row.fingerprint),
         token: Token::new(row.token),
         state: match row.outcome {
@@ -77,13 +127,64 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
                 expires_at,
             },
         },
+    };
+    Ok(Kept {
+        record,
+        kept_ms: row.kept_ms,
     })
 }
 
-/// The expiry-index entry of a record.
-pub(crate) fn expiry_entry(digest: &[u8; 32], record: &Record) -> [u8; 40] {
+/// The expiry-index entry of a record kept until `kept_ms`.
+pub(crate) fn expiry_entry(digest: &[u8; 32], kept_ms: u64) -> [u8; 40] {
     let mut entry = [0u8; 40];
-    entry[..8].copy_from_slice(&unix_millis(record.expires_at()).to_be_bytes());
+    entry[..8].copy_from_slice(&kept_ms.to_be_bytes());
     entry[8..].copy_from_slice(digest);
     entry
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use idem::{Key, Scope};
+
+    use super::*;
+
+    fn in_flight(expires_ms: u64) -> Record {
+        Record {
+            fingerprint: Fingerprint::from_bytes([7; 32]),
+            token: Token::new(9),
+            state: RecordState::InFlight {
+                lease_expires_at: from_unix_millis(expires_ms),
+            },
+        }
+    }
+
+    #[test]
+    fn an_in_flight_row_is_kept_past_its_lease() {
+        let key = ScopedKey::new(Scope::new("s"), Key::new("k").unwrap());
+        let record = in_flight(10_000);
+        let kept_until = from_unix_millis(10_000) + Duration::from_secs(10);
+        let kept = decode(&encode(&key, &record, kept_until).unwrap()).unwrap();
+        assert_eq!(kept.record, record);
+        assert_eq!(kept.kept_ms, 20_000);
+        assert!(kept.at(from_unix_millis(19_999)).is_some());
+        assert!(kept.at(from_unix_millis(20_000)).is_none());
+    }
+
+    #[test]
+    fn rows_of_the_first_format_are_read_and_kept_until_their_expiry() {
+        let old = RowV1 {
+            scope: "s".into(),
+            key: "k".into(),
+            fingerprint: [7; 32],
+            token: 9,
+            expires_ms: 10_000,
+            outcome: None,
+        };
+        let bytes = postcard::to_extend(&old, vec![ROW_FORMAT_V1]).unwrap();
+        let kept = decode(&bytes).unwrap();
+        assert_eq!(kept.record, in_flight(10_000));
+        assert_eq!(kept.kept_ms, 10_000, "matches its expiry-index entry");
+    }
 }

@@ -13,7 +13,7 @@ use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use crate::RedbOptions;
-use crate::row::{self, EXPIRY, LAST_TOKEN, META, RECORDS};
+use crate::row::{self, EXPIRY, Kept, LAST_TOKEN, META, RECORDS};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -52,6 +52,9 @@ pub(crate) enum Job {
         limit: usize,
         reply: Reply<usize>,
     },
+    /// Makes the writer thread panic, for tests of what a dead writer looks like.
+    #[cfg(test)]
+    Crash,
 }
 
 type SharedError = Arc<dyn StdError + Send + Sync>;
@@ -221,16 +224,23 @@ impl<'t> Tx<'t> {
                 reply,
             } => {
                 let result = self.load(&key).and_then(|current| {
-                    let record =
-                        transition::complete(current.as_ref(), token, &stored, self.now, retain)?;
-                    self.save(&key, current.as_ref(), &record)?;
-                    Ok(record.expires_at())
+                    let (expires_at, write) = transition::complete(
+                        kept_at(current.as_ref(), self.now),
+                        token,
+                        &stored,
+                        self.now,
+                        retain,
+                    )?;
+                    if let Some(record) = write {
+                        self.save(&key, current.as_ref(), &record, expires_at)?;
+                    }
+                    Ok(expires_at)
                 });
                 finish(reply, result)
             }
             Job::Release { key, token, reply } => {
                 let result = self.load(&key).and_then(|current| {
-                    transition::held(current.as_ref(), token, self.now)?;
+                    transition::held(kept_at(current.as_ref(), self.now), token, self.now)?;
                     self.remove(&key, current.as_ref())
                 });
                 finish(reply, result)
@@ -242,8 +252,14 @@ impl<'t> Tx<'t> {
                 reply,
             } => {
                 let result = self.load(&key).and_then(|current| {
-                    let record = transition::renew(current.as_ref(), token, self.now, lease)?;
-                    self.save(&key, current.as_ref(), &record)?;
+                    let record = transition::renew(
+                        kept_at(current.as_ref(), self.now),
+                        token,
+                        self.now,
+                        lease,
+                    )?;
+                    let kept_until = transition::kept_until(record.expires_at(), lease);
+                    self.save(&key, current.as_ref(), &record, kept_until)?;
                     Ok(Lease {
                         token,
                         expires_at: record.expires_at(),
@@ -253,7 +269,9 @@ impl<'t> Tx<'t> {
             }
             Job::Delete { key, reply } => {
                 let result = self.load(&key).and_then(|current| {
-                    let existed = transition::live(current.as_ref(), self.now).is_some();
+                    let existed =
+                        transition::live(current.as_ref().map(|kept| &kept.record), self.now)
+                            .is_some();
                     self.remove(&key, current.as_ref())?;
                     Ok(existed)
                 });
@@ -263,6 +281,8 @@ impl<'t> Tx<'t> {
                 let result = self.sweep(limit);
                 finish(reply, result)
             }
+            #[cfg(test)]
+            Job::Crash => panic!("the writer was told to crash"),
         }
     }
 
@@ -274,20 +294,26 @@ impl<'t> Tx<'t> {
     ) -> Result<Begin, StoreError> {
         let current = self.load(key)?;
         let mut next = self.last_token;
-        let (answer, write) =
-            transition::begin(current.as_ref(), fingerprint, self.now, lease, || {
+        let (answer, write) = transition::begin(
+            kept_at(current.as_ref(), self.now),
+            fingerprint,
+            self.now,
+            lease,
+            || {
                 next += 1;
                 Token::new(next)
-            });
+            },
+        )?;
         if let Some(record) = write {
             self.last_token = next;
             self.minted = true;
-            self.save(key, current.as_ref(), &record)?;
+            let kept_until = transition::kept_until(record.expires_at(), lease);
+            self.save(key, current.as_ref(), &record, kept_until)?;
         }
         Ok(answer)
     }
 
-    fn load(&mut self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
+    fn load(&mut self, key: &ScopedKey) -> Result<Option<Kept>, StoreError> {
         let found = self
             .records
             .get(key.digest().as_slice())
@@ -302,30 +328,32 @@ impl<'t> Tx<'t> {
     fn save(
         &mut self,
         key: &ScopedKey,
-        old: Option<&Record>,
+        old: Option<&Kept>,
         new: &Record,
+        kept_until: SystemTime,
     ) -> Result<(), StoreError> {
         let digest = key.digest();
-        let bytes = row::encode(key, new)?;
+        let bytes = row::encode(key, new, kept_until)?;
+        let kept_ms = unix_millis(kept_until).max(unix_millis(new.expires_at()));
         let written = (|| -> Result<(), redb::Error> {
             if let Some(old) = old {
                 self.expiry
-                    .remove(row::expiry_entry(&digest, old).as_slice())?;
+                    .remove(row::expiry_entry(&digest, old.kept_ms).as_slice())?;
             }
             self.records.insert(digest.as_slice(), bytes.as_slice())?;
             self.expiry
-                .insert(row::expiry_entry(&digest, new).as_slice(), ())?;
+                .insert(row::expiry_entry(&digest, kept_ms).as_slice(), ())?;
             Ok(())
         })();
         written.map_err(|error| self.storage("write a record", error))
     }
 
-    fn remove(&mut self, key: &ScopedKey, old: Option<&Record>) -> Result<(), StoreError> {
+    fn remove(&mut self, key: &ScopedKey, old: Option<&Kept>) -> Result<(), StoreError> {
         let digest = key.digest();
         let removed = (|| -> Result<(), redb::Error> {
             if let Some(old) = old {
                 self.expiry
-                    .remove(row::expiry_entry(&digest, old).as_slice())?;
+                    .remove(row::expiry_entry(&digest, old.kept_ms).as_slice())?;
             }
             self.records.remove(digest.as_slice())?;
             Ok(())
@@ -333,10 +361,10 @@ impl<'t> Tx<'t> {
         removed.map_err(|error| self.storage("remove a record", error))
     }
 
-    /// Removes up to `limit` records whose time is up, oldest first.
+    /// Removes up to `limit` records no longer kept, oldest first.
     fn sweep(&mut self, limit: usize) -> Result<usize, StoreError> {
-        // Entries are ordered by expiry: everything before "now, digest 0" has expired
-        // (a record is live while now < its expiry).
+        // Entries are ordered by the end of keeping: everything before "now + 1 ms, digest 0"
+        // is done (a record is kept while now < its end).
         let mut bound = [0u8; 40];
         bound[..8].copy_from_slice(&unix_millis(self.now).saturating_add(1).to_be_bytes());
         let due: Result<Vec<Vec<u8>>, redb::Error> = (|| {
@@ -357,4 +385,9 @@ impl<'t> Tx<'t> {
         removed.map_err(|error| self.storage("remove expired records", error))?;
         Ok(due.len())
     }
+}
+
+/// The record as the store still keeps it at `now`: what the state machine decides on.
+fn kept_at(current: Option<&Kept>, now: SystemTime) -> Option<&Record> {
+    current.and_then(|kept| kept.at(now))
 }
