@@ -4,16 +4,13 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use idem::{
-    Begin, BoxError, Fingerprint, Key, KeyError, Lease, Record, RecordState, Scope, ScopedKey,
-    Store, StoreError, Stored,
+    Begin, BoxError, Fingerprint, HoldOptions, Holder, Key, KeyError, Lease, Record, RecordState,
+    Scope, ScopedKey, Store, StoreError, Stored, TimeoutStore,
 };
-
-use crate::heartbeat::with_heartbeat;
 
 /// The `status` values this crate writes into a [`Stored`] outcome.
 ///
@@ -31,18 +28,24 @@ pub mod status {
     pub const MISMATCH: u16 = 3;
 }
 
-/// Lease, renewal and retention for a [`Deduplicator`].
+/// Lease, renewal, store deadlines and retention for a [`Deduplicator`].
 ///
 /// The defaults suit handlers that take up to a few seconds and brokers that redeliver
 /// within days:
 ///
 /// | field | default | meaning |
 /// |---|---|---|
-/// | `lease` | 30 s | how long a claim holds without renewal; after it, another consumer may take the message over |
-/// | `renew_every` | `lease / 3` | how often a running handler's lease is renewed |
-/// | `retention` | 7 days | how long a completed message is remembered |
-/// | `dead_letter_retention` | 30 days | how long a dead-letter record is kept |
-/// | `complete_attempts` | 3 | tries to store an outcome when the store fails transiently |
+/// | `lease` | 30 s | how long a claim holds without renewal; after it, another consumer may take the message over (10 ms to 1 day) |
+/// | `renew_every` | `lease / 3` | how often a held message's lease is renewed, on a task of its own |
+/// | `retention` | 7 days | how long a completed message is remembered (at least `lease`, at most 100 years) |
+/// | `dead_letter_retention` | 30 days | how long a dead-letter record is kept (at most 100 years) |
+/// | `store_timeout` | 5 s | the deadline of every store call; a call that takes longer fails with [`StoreError::Timeout`] (at most 10 minutes) |
+/// | `complete_for` | 30 s | how long storing a handler's outcome is retried, with backoff and the lease still renewed, when the store fails (at most 1 day) |
+///
+/// If an outcome still cannot be stored after `complete_for`, the claim is **not**
+/// released: it stays held until its lease ends, so a redelivery meanwhile is answered
+/// [`Outcome::InFlight`] instead of running the handler again (see
+/// [`Outcome::Unrecorded`]).
 ///
 /// **The retention window must cover the longest redelivery or replay horizon**: a
 /// duplicate that arrives after `retention` is indistinguishable from a new message and runs
@@ -59,16 +62,18 @@ pub mod status {
 /// let options = DedupOptions {
 ///     lease: Duration::from_secs(60),
 ///     retention: Duration::from_secs(3 * 24 * 3600),
+///     store_timeout: Duration::from_secs(2),
 ///     ..DedupOptions::default()
 /// };
 /// options.validate().unwrap();
 /// assert_eq!(options.renew_interval(), Duration::from_secs(20));
+/// assert_eq!(options.complete_for, Duration::from_secs(30));
 /// ```
 #[derive(Debug, Clone)]
 pub struct DedupOptions {
     /// How long a claim holds without renewal.
     pub lease: Duration,
-    /// How often a running handler's lease is renewed; `None` means `lease / 3`.
+    /// How often a held message's lease is renewed; `None` means `lease / 3`.
     pub renew_every: Option<Duration>,
     /// How long a completed message is remembered (and its duplicates suppressed).
     pub retention: Duration,
@@ -76,8 +81,11 @@ pub struct DedupOptions {
     pub dead_letter_scope: Option<Scope>,
     /// How long a dead-letter record is kept.
     pub dead_letter_retention: Duration,
-    /// How many times to try storing an outcome after the handler ran (at least 1).
-    pub complete_attempts: u32,
+    /// The client-side deadline of every call to the store.
+    pub store_timeout: Duration,
+    /// How long storing an outcome is retried after the handler ran, before the claim is
+    /// left held until its lease ends.
+    pub complete_for: Duration,
 }
 
 impl Default for DedupOptions {
@@ -85,13 +93,21 @@ impl Default for DedupOptions {
         Self {
             lease: Duration::from_secs(30),
             renew_every: None,
-            retention: Duration::from_secs(7 * 24 * 3600),
+            retention: Duration::from_secs(7 * DAY_SECS),
             dead_letter_scope: None,
-            dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
-            complete_attempts: 3,
+            dead_letter_retention: Duration::from_secs(30 * DAY_SECS),
+            store_timeout: Duration::from_secs(5),
+            complete_for: Duration::from_secs(30),
         }
     }
 }
+
+const DAY_SECS: u64 = 24 * 3600;
+/// Bounds that keep every duration far from overflowing the stores' time arithmetic.
+const MAX_LEASE: Duration = Duration::from_secs(DAY_SECS);
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * DAY_SECS);
+const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_COMPLETE_FOR: Duration = Duration::from_secs(DAY_SECS);
 
 /// A [`DedupOptions`] field with a value that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +125,24 @@ impl DedupOptions {
         self.renew_every.unwrap_or(self.lease / 3)
     }
 
+    /// The lease lifecycle these options ask for, as the core crate's [`Holder`] takes it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_queue::DedupOptions;
+    ///
+    /// let hold = DedupOptions::default().hold_options();
+    /// assert_eq!(hold.renew_every, Duration::from_secs(10));
+    /// assert_eq!(hold.complete_for, Duration::from_secs(30));
+    /// ```
+    pub fn hold_options(&self) -> HoldOptions {
+        HoldOptions {
+            lease: self.lease,
+            renew_every: self.renew_interval(),
+            complete_for: self.complete_for,
+        }
+    }
+
     /// Checks that the options can work together; the error names the bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, reason: &str| {
@@ -117,8 +151,8 @@ impl DedupOptions {
                 reason: reason.to_owned(),
             })
         };
-        if self.lease < Duration::from_millis(10) {
-            return bad("lease", "must be at least 10 ms");
+        if self.lease < Duration::from_millis(10) || self.lease > MAX_LEASE {
+            return bad("lease", "must be between 10 ms and 1 day");
         }
         let renew = self.renew_interval();
         if renew.is_zero() || renew >= self.lease {
@@ -130,11 +164,20 @@ impl DedupOptions {
                 "must be at least `lease` (and should cover the broker's redelivery horizon)",
             );
         }
-        if self.dead_letter_retention.is_zero() {
-            return bad("dead_letter_retention", "must be above zero");
+        if self.retention > MAX_RETENTION {
+            return bad("retention", "must be at most 100 years");
         }
-        if self.complete_attempts == 0 {
-            return bad("complete_attempts", "must be at least 1");
+        if self.dead_letter_retention.is_zero() || self.dead_letter_retention > MAX_RETENTION {
+            return bad(
+                "dead_letter_retention",
+                "must be above zero and at most 100 years",
+            );
+        }
+        if self.store_timeout.is_zero() || self.store_timeout > MAX_STORE_TIMEOUT {
+            return bad("store_timeout", "must be above zero and at most 10 minutes");
+        }
+        if self.complete_for.is_zero() || self.complete_for > MAX_COMPLETE_FOR {
+            return bad("complete_for", "must be above zero and at most 1 day");
         }
         Ok(())
     }
@@ -245,11 +288,14 @@ pub enum DedupError {
     /// The message id is empty.
     #[error("message id is not usable as a key")]
     InvalidId(#[source] KeyError),
-    /// The store failed before the handler ran; nothing happened, the message may be retried.
+    /// The store failed or missed its deadline ([`DedupOptions::store_timeout`]) before
+    /// anything ran; the message may be retried.
     #[error("the idempotency store failed; the handler did not run")]
     Store(#[source] StoreError),
-    /// The handler ran, but its outcome could not be stored: a redelivery may run it again.
-    #[error("the handler ran but its outcome could not be stored; a redelivery may run it again")]
+    /// [`Held::complete`] could not store the outcome, even retried for
+    /// [`DedupOptions::complete_for`]. The claim was not released: it stays held until its
+    /// lease ends, so redeliveries meanwhile are [in flight](Outcome::InFlight).
+    #[error("the outcome could not be stored; the message stays claimed until its lease ends")]
     Unrecorded(#[source] StoreError),
 }
 
@@ -492,17 +538,31 @@ pub enum Outcome {
         /// Permanent error or out of deliveries.
         reason: DeadLetterReason,
     },
-    /// The claim was lost while the handler ran (its lease ended and another consumer may
-    /// have taken over); nothing was stored. The handler's result is returned.
+    /// The claim was lost while the handler ran (its lease ended and another consumer took
+    /// the message over), so its outcome was not stored. The handler's result is returned.
     LeaseLost {
         /// What the handler returned.
         result: Result<Bytes, HandlerError>,
+    },
+    /// The handler ran (succeeded, or failed for good), but its outcome could not be stored,
+    /// even retried for [`DedupOptions::complete_for`] with the lease renewed meanwhile.
+    ///
+    /// The claim is **not released**: it stays held until its lease ends, so a redelivery
+    /// until then is answered [`Outcome::InFlight`] and does not run the handler again. A
+    /// redelivery after the lease ended finds no record and runs it again, so the adapters
+    /// settle this like the outcome it could not store (a success is acknowledged) rather
+    /// than ask for a redelivery. Logged at error level.
+    Unrecorded {
+        /// What the handler returned.
+        result: Result<Bytes, HandlerError>,
+        /// The store's last error.
+        error: StoreError,
     },
 }
 
 /// What [`Deduplicator::claim`] found.
 #[derive(Debug)]
-pub enum Claim<S> {
+pub enum Claim<S: Store> {
     /// This consumer holds the message: run it with [`Held::run`].
     Acquired(Held<S>),
     /// Already completed.
@@ -517,7 +577,8 @@ pub enum Claim<S> {
 }
 
 struct Inner<S> {
-    store: S,
+    /// The caller's store behind a deadline on every call; shared with the renewal tasks.
+    store: Arc<TimeoutStore<S>>,
     scope: Scope,
     dead_letter_scope: Scope,
     options: DedupOptions,
@@ -538,9 +599,16 @@ struct Inner<S> {
 /// - a **transient** handler error releases the claim, so a redelivery runs it again; a
 ///   **permanent** one (or any error on the last allowed delivery) is stored as a failure,
 ///   so the message is never run again and can be dead-lettered;
-/// - while the handler runs its lease is **renewed** every [`DedupOptions::renew_interval`];
-///   if renewal finds the lease lost, the result is [`Outcome::LeaseLost`] and nothing is
-///   stored.
+/// - while the message is held its lease is **renewed** every
+///   [`DedupOptions::renew_interval`] by the core crate's [`Holder`], on a task of its own,
+///   so a handler that is slow, CPU-bound or blocks its thread keeps its claim; if another
+///   consumer took the message over, the result is [`Outcome::LeaseLost`] and nothing is
+///   stored;
+/// - an outcome the store fails to take is retried with backoff for
+///   [`DedupOptions::complete_for`]; if it still cannot be stored the claim is left held
+///   until its lease ends, never released ([`Outcome::Unrecorded`]).
+///
+/// Every store call has a deadline, [`DedupOptions::store_timeout`].
 ///
 /// Ids are keys when they are 1 to 255 printable ASCII characters; any other non-empty id
 /// is replaced by `blake3:` and the hex BLAKE3 hash of its bytes.
@@ -551,9 +619,10 @@ struct Inner<S> {
 ///   [`DedupOptions::retention`], on any consumer sharing the store and scope (across
 ///   restarts, with a durable store). After retention a duplicate runs again.
 /// - A consumer that dies **mid-handler** holds the id until its lease ends; a redelivery
-///   after that runs the handler again (at least once). Effects that must not repeat even
-///   then belong in the same database transaction as the claim: see
-///   [`Inbox`](crate::inbox::Inbox).
+///   after that runs the handler again (at least once). The same holds for a handler whose
+///   outcome could not be stored ([`Outcome::Unrecorded`]): no redelivery runs it again
+///   before its lease ends. Effects that must not repeat even then belong in the same
+///   database transaction as the claim: see [`Inbox`](crate::inbox::Inbox).
 ///
 /// ```
 /// use bytes::Bytes;
@@ -636,7 +705,7 @@ impl<S: Store> Deduplicator<S> {
             .unwrap_or_else(|| Scope::new(format!("{}.dead-letter", scope.as_str())));
         Self {
             inner: Arc::new(Inner {
-                store,
+                store: Arc::new(TimeoutStore::new(store, options.store_timeout)),
                 scope,
                 dead_letter_scope,
                 options,
@@ -645,9 +714,9 @@ impl<S: Store> Deduplicator<S> {
         }
     }
 
-    /// The store.
+    /// The store, without the deadlines the deduplicator puts on its own calls.
     pub fn store(&self) -> &S {
-        &self.inner.store
+        self.inner.store.get_ref()
     }
 
     /// The scope message ids live in.
@@ -711,11 +780,23 @@ impl<S: Store> Deduplicator<S> {
             .await
             .map_err(DedupError::Store)?;
         Ok(match begin {
-            Begin::Acquired(lease) => Claim::Acquired(Held {
-                dedup: self.clone(),
-                key,
-                lease,
-            }),
+            Begin::Acquired(lease) => {
+                let holder = Holder::start(
+                    Arc::clone(&self.inner.store),
+                    key,
+                    lease,
+                    self.inner.options.hold_options(),
+                );
+                // Let the renewal task just spawned take its first turn now: tokio runs a
+                // freshly spawned task next on this worker, and no other worker may steal it
+                // from there, so a handler that then blocks this thread would starve it.
+                tokio::task::yield_now().await;
+                Claim::Acquired(Held {
+                    dedup: self.clone(),
+                    holder,
+                    lease,
+                })
+            }
             Begin::Completed { stored, expires_at } => {
                 Claim::Duplicate(Replay { stored, expires_at })
             }
@@ -843,19 +924,21 @@ impl<S: Store> Deduplicator<S> {
 
 /// A claimed message: run it, or give it back.
 ///
-/// Dropping a `Held` without [`run`](Held::run), [`complete`](Held::complete) or
-/// [`release`](Held::release) leaves the message in flight until its lease ends.
+/// Its lease is renewed on a task of its own from the moment it is claimed. Dropping a
+/// `Held` without [`run`](Held::run), [`complete`](Held::complete) or
+/// [`release`](Held::release) stops the renewal and leaves the message in flight until its
+/// lease ends.
 #[derive(Debug)]
-pub struct Held<S> {
+pub struct Held<S: Store> {
     dedup: Deduplicator<S>,
-    key: ScopedKey,
+    holder: Holder<Arc<TimeoutStore<S>>>,
     lease: Lease,
 }
 
 impl<S: Store> Held<S> {
     /// The record key.
     pub fn key(&self) -> &ScopedKey {
-        &self.key
+        self.holder.key()
     }
 
     /// The lease as first granted.
@@ -863,7 +946,13 @@ impl<S: Store> Held<S> {
         self.lease
     }
 
-    /// Runs `handler`, renewing the lease while it runs, and stores or releases according
+    /// Whether the claim was lost: a renewal found another consumer's claim (or the lease
+    /// ended) while this one held the message.
+    pub fn is_lost(&self) -> bool {
+        self.holder.is_lost()
+    }
+
+    /// Runs `handler` while the lease is renewed beside it, and stores or releases according
     /// to its result (see [`Deduplicator`]).
     pub async fn run<F, Fut, T>(self, attempt: Attempt, handler: F) -> Result<Outcome, DedupError>
     where
@@ -871,41 +960,18 @@ impl<S: Store> Held<S> {
         Fut: Future<Output = Result<T, HandlerError>>,
         T: Into<Bytes>,
     {
-        let inner = &self.dedup.inner;
-        let lost = AtomicBool::new(false);
-        let (key, token, lost_ref) = (&self.key, self.lease.token, &lost);
-        let renew = move || async move {
-            if lost_ref.load(Ordering::Relaxed) {
-                return;
-            }
-            match inner.store.renew(key, token, inner.options.lease).await {
-                Ok(_) => {}
-                Err(StoreError::LeaseLost) => {
-                    tracing::warn!(
-                        ?key,
-                        "lease lost while the handler runs; its outcome will not be stored"
-                    );
-                    lost_ref.store(true, Ordering::Relaxed);
-                }
-                Err(error) => {
-                    tracing::warn!(?key, %error, "renewing a message lease failed; will retry");
-                }
-            }
-        };
-        let result = with_heartbeat(handler(), Some(inner.options.renew_interval()), renew)
-            .await
-            .map(Into::into);
-        if lost.load(Ordering::Relaxed) {
-            return Ok(Outcome::LeaseLost { result });
-        }
+        let result = handler().await.map(Into::into);
         match result {
             Ok(output) => {
                 let stored = Stored::new(status::OK).with_body(output.clone());
-                match self.store(&stored).await {
-                    Ok(()) => Ok(Outcome::Processed { output }),
-                    Err(StoreError::LeaseLost) => Ok(Outcome::LeaseLost { result: Ok(output) }),
-                    Err(error) => Err(DedupError::Unrecorded(error)),
-                }
+                Ok(match self.store(&stored).await {
+                    Ok(()) => Outcome::Processed { output },
+                    Err(StoreError::LeaseLost) => Outcome::LeaseLost { result: Ok(output) },
+                    Err(error) => Outcome::Unrecorded {
+                        result: Ok(output),
+                        error,
+                    },
+                })
             }
             Err(error) if error.is_permanent() || attempt.is_final() => {
                 let reason = if error.is_permanent() {
@@ -916,16 +982,20 @@ impl<S: Store> Held<S> {
                 let stored = Stored::new(reason.code())
                     .with_header("error", error.to_string())
                     .with_header("deliveries", attempt.delivered.to_string());
-                match self.store(&stored).await {
-                    Ok(()) => Ok(Outcome::Failed { error, reason }),
-                    Err(StoreError::LeaseLost) => Ok(Outcome::LeaseLost { result: Err(error) }),
-                    Err(store) => Err(DedupError::Unrecorded(store)),
-                }
+                Ok(match self.store(&stored).await {
+                    Ok(()) => Outcome::Failed { error, reason },
+                    Err(StoreError::LeaseLost) => Outcome::LeaseLost { result: Err(error) },
+                    Err(store) => Outcome::Unrecorded {
+                        result: Err(error),
+                        error: store,
+                    },
+                })
             }
             Err(error) => {
-                if let Err(release) = inner.store.release(&self.key, self.lease.token).await {
+                let key = self.key().clone();
+                if let Err(release) = self.holder.release().await {
                     // The lease ends by itself; until then redeliveries see the message in flight.
-                    tracing::warn!(key = ?self.key, error = %release, "releasing a failed message's claim failed");
+                    tracing::warn!(?key, error = %release, "releasing a failed message's claim failed");
                 }
                 Ok(Outcome::Released { error })
             }
@@ -933,7 +1003,7 @@ impl<S: Store> Held<S> {
     }
 
     /// Completes the claim with `output` without running anything (the work was done
-    /// elsewhere).
+    /// elsewhere). On [`DedupError::Unrecorded`] the claim stays held until its lease ends.
     pub async fn complete(self, output: impl Into<Bytes>) -> Result<(), DedupError> {
         let stored = Stored::new(status::OK).with_body(output.into());
         self.store(&stored).await.map_err(DedupError::Unrecorded)
@@ -941,35 +1011,33 @@ impl<S: Store> Held<S> {
 
     /// Gives the message back unrun: a redelivery may run it.
     pub async fn release(self) -> Result<(), DedupError> {
-        self.dedup
-            .inner
-            .store
-            .release(&self.key, self.lease.token)
-            .await
-            .map_err(DedupError::Store)
+        self.holder.release().await.map_err(DedupError::Store)
     }
 
-    /// Stores an outcome, retrying transient store failures a few times: the handler has run,
-    /// so giving up here risks running it again.
-    async fn store(&self, stored: &Stored) -> Result<(), StoreError> {
-        let inner = &self.dedup.inner;
-        let mut pause = Duration::from_millis(50);
-        let mut attempt = 1;
-        loop {
-            match inner
-                .store
-                .complete(&self.key, self.lease.token, stored, inner.options.retention)
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
-                Err(error) if attempt >= inner.options.complete_attempts => return Err(error),
-                Err(error) => {
-                    tracing::warn!(key = ?self.key, %error, attempt, "storing a message outcome failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 4;
-                    attempt += 1;
-                }
+    /// Stores an outcome through the [`Holder`]: a failing store is retried for
+    /// [`DedupOptions::complete_for`] while the lease is still renewed, since the handler has
+    /// run and giving up early would let a redelivery run it again. Even on failure the
+    /// claim is not released.
+    async fn store(self, stored: &Stored) -> Result<(), StoreError> {
+        let key = self.key().clone();
+        let retention = self.dedup.inner.options.retention;
+        match self.holder.complete(stored, retention).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::LeaseLost) => {
+                tracing::warn!(
+                    ?key,
+                    "the message was taken over while its handler ran; its outcome is not stored"
+                );
+                Err(StoreError::LeaseLost)
+            }
+            Err(error) => {
+                tracing::error!(
+                    ?key,
+                    %error,
+                    "the handler ran but its outcome could not be stored; the message stays \
+                     claimed until its lease ends, and a redelivery after that runs it again"
+                );
+                Err(error)
             }
         }
     }

@@ -9,6 +9,7 @@
 //! | duplicate of a completed message | `+ACK` (the handler does not run) |
 //! | held by another consumer | `-NAK` with a delay: the holder's lease time left, within [`RetryPolicy::in_flight_min`]..[`RetryPolicy::in_flight_max`] |
 //! | transient handler error, store error, lease lost | `-NAK` with [`RetryPolicy::backoff`] of the delivery count |
+//! | the handler ran but its outcome could not be stored, even retried for [`DedupOptions::complete_for`](crate::DedupOptions::complete_for) ([`Outcome::Unrecorded`]) | as the outcome it could not store: `+ACK` after a success, dead-letter record and `+TERM` after a failure for good. Not redelivered: the claim stays held until its lease ends and then lapses without a record, so a redelivery would only run the handler again |
 //! | permanent error, or any error on delivery ≥ `max_deliveries`, or id re-used with another payload | dead-letter record, then `+TERM` |
 //! | duplicate of a message that was dead-lettered | dead-letter record ensured, then `+TERM` |
 //! | handler still running | `+WPI` (progress) every [`JetStreamOptions::progress_every`], so `AckWait` never expires under it |
@@ -76,7 +77,6 @@ use bytes::Bytes;
 use idem::{Fingerprint, Store};
 
 use crate::dedup::{Claim, DeadLetter, Deduplicator, HandlerError, Outcome};
-use crate::heartbeat::with_heartbeat;
 use crate::settle::{Handled, RetryPolicy, Settlement, dead_letter_error};
 
 /// The header JetStream deduplicates publications by.
@@ -142,6 +142,34 @@ impl fmt::Debug for IdSource {
     }
 }
 
+/// `+WPI` for one message every so often, sent from a task of its own until dropped, so that
+/// a handler that is slow to yield or blocks its thread cannot let `AckWait` run out.
+struct ProgressAcks(Option<tokio::task::JoinHandle<()>>);
+
+impl ProgressAcks {
+    fn start(message: &Message, every: Option<Duration>) -> Self {
+        Self(every.filter(|every| !every.is_zero()).map(|every| {
+            let message = message.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        tracing::warn!(%error, "sending a progress ack failed");
+                    }
+                }
+            })
+        }))
+    }
+}
+
+impl Drop for ProgressAcks {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 /// How a [`JetStreamConsumer`] identifies, retries and gives up on messages.
 ///
 /// ```
@@ -158,8 +186,9 @@ pub struct JetStreamOptions {
     pub id: IdSource,
     /// Redelivery delays and the delivery limit.
     pub retry: RetryPolicy,
-    /// How often to send `+WPI` while the handler runs; should be under a third of the
-    /// consumer's `AckWait`. Default 10 s (the default `AckWait` is 30 s); `None`: never.
+    /// How often to send `+WPI` while the handler runs (from a task of its own); should be
+    /// under a third of the consumer's `AckWait`. Default 10 s (the default `AckWait` is
+    /// 30 s); `None`: never.
     pub progress_every: Option<Duration>,
     /// Also publish dead letters to this subject (default: none; the store record only).
     pub dead_letter_subject: Option<String>,
@@ -276,13 +305,11 @@ impl<S: Store> JetStreamConsumer<S> {
 
         let outcome = match self.dedup.claim(&id, fingerprint.as_ref()).await {
             Ok(Claim::Acquired(held)) => {
-                let progress = || async {
-                    if let Err(error) = message.ack_with(AckKind::Progress).await {
-                        tracing::warn!(%error, "sending a progress ack failed");
-                    }
-                };
-                let run = held.run(attempt, || handler(message));
-                with_heartbeat(run, self.options.progress_every, progress).await
+                let _progress = ProgressAcks::start(message, self.options.progress_every);
+                // As after a claim: let the progress task take its first turn before a
+                // handler that may block this thread.
+                tokio::task::yield_now().await;
+                held.run(attempt, || handler(message)).await
             }
             Ok(Claim::Duplicate(replay)) => Ok(Outcome::Duplicate(replay)),
             Ok(Claim::InFlight { retry_after }) => Ok(Outcome::InFlight { retry_after }),

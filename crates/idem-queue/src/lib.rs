@@ -27,7 +27,9 @@
 //! | a handler still running when its process dies | its claim holds until the lease ends (renewal stops with the process); a redelivery after that runs it **again**: at least once, not exactly once. Make such effects idempotent downstream (pass the message id on as an idempotency key) or move them into the inbox transaction |
 //! | the broker ack after the outcome is stored | may be lost (crash between store and ack): the redelivery is recognised as a duplicate and acked, with no second effect |
 //! | a duplicate arriving after the retention window | indistinguishable from a new message: it **runs again** |
-//! | a handler whose lease was lost mid-run (stalled longer than the lease, store unreachable for renewals) | reported as [`Outcome::LeaseLost`], nothing stored; another consumer may have run it too |
+//! | a handler whose lease was lost mid-run (store unreachable for renewals longer than the lease) | reported as [`Outcome::LeaseLost`], nothing stored; another consumer may have run it too. A handler that is merely slow, CPU-bound or blocks its thread keeps its lease: renewal runs on a task of its own |
+//! | a handler whose outcome the store does not take (outage, timeout, full disk) | retried with backoff for [`DedupOptions::complete_for`] (default 30 s) while the lease is renewed; if it still fails the claim is **not released**: it stays held until its lease ends, so redeliveries until then are in flight and do not run the handler. Reported as [`Outcome::Unrecorded`] and logged at error level; the adapters settle it as the outcome (ack a success). A redelivery after the lease ended runs it again |
+//! | a store call that hangs (paused server, partition) | fails after [`DedupOptions::store_timeout`] (default 5 s) like any store error: every call has a client-side deadline |
 //!
 //! ## The retention window
 //!
@@ -41,10 +43,12 @@
 //! ## Leases
 //!
 //! A claim is a lease ([`DedupOptions::lease`], default 30 s), renewed every third of it
-//! while the handler runs. Another consumer receiving the message meanwhile is told it is
-//! in flight and redelivers it later. If a consumer dies, its messages are taken over when
-//! the lease ends; keep the lease short enough for that to be prompt and long enough that a
-//! healthy consumer can always renew (a few store round trips).
+//! while the handler runs, by the core crate's [`idem::Holder`] on a task of its own (so
+//! the renewal does not depend on the handler's future being polled). Another consumer
+//! receiving the message meanwhile is told it is in flight and redelivers it later. If a
+//! consumer dies, its messages are taken over when the lease ends; keep the lease short
+//! enough for that to be prompt and long enough that a healthy consumer can always renew
+//! (a few store round trips, each bounded by [`DedupOptions::store_timeout`]).
 //!
 //! ```
 //! use bytes::Bytes;
@@ -76,7 +80,6 @@
 //! ```
 
 mod dedup;
-mod heartbeat;
 mod settle;
 
 #[cfg(feature = "postgres")]

@@ -9,6 +9,7 @@
 //! | duplicate of a completed message | `basic.ack` (the handler does not run) |
 //! | held by another consumer | held for the holder's lease time left (bounded by [`RetryPolicy`] and [`RabbitOptions::max_hold`]), then `basic.nack` with requeue |
 //! | transient handler error, store error, lease lost | held for [`RetryPolicy::backoff`] (at most `max_hold`), then `basic.nack` with requeue |
+//! | the handler ran but its outcome could not be stored, even retried for [`DedupOptions::complete_for`](crate::DedupOptions::complete_for) ([`Outcome::Unrecorded`]) | as the outcome it could not store: `basic.ack` after a success, dead-letter record and `basic.reject` after a failure for good. Not redelivered: the claim stays held until its lease ends and then lapses without a record, so a redelivery would only run the handler again |
 //! | permanent error, or any error on delivery ≥ `max_deliveries`, or id re-used with another payload | dead-letter record, then `basic.reject` without requeue (the queue's own dead-letter exchange, if it has one, receives the message) |
 //! | duplicate of a message that was dead-lettered | dead-letter record ensured, then `basic.ack` (a second reject would send a second copy to the dead-letter exchange) |
 //!

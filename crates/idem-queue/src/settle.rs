@@ -17,6 +17,11 @@ use crate::dedup::{Attempt, DeadLetterReason, DedupError, Outcome};
 /// but never dead-letter a message by themselves: only a handler failure on (or after) the
 /// last delivery does.
 ///
+/// A handler whose outcome could not be stored ([`Outcome::Unrecorded`]) is settled as that
+/// outcome (acknowledged after a success, dead-lettered after a failure for good), not
+/// redelivered: its claim lapses with its lease and leaves no record, so a redelivery would
+/// only run it again.
+///
 /// ```
 /// use std::time::Duration;
 /// use idem_queue::RetryPolicy;
@@ -98,6 +103,19 @@ impl RetryPolicy {
                 reason: DeadLetterReason::Mismatch,
             },
             Ok(Outcome::Failed { reason, .. }) => Settlement::DeadLetter { reason: *reason },
+            // The handler ran; its claim stays held until the lease ends and then expires
+            // without a record, so a redelivery could only run it again. Settle it as the
+            // outcome that could not be stored.
+            Ok(Outcome::Unrecorded { result: Ok(_), .. }) => Settlement::Ack,
+            Ok(Outcome::Unrecorded {
+                result: Err(error), ..
+            }) => Settlement::DeadLetter {
+                reason: if error.is_permanent() {
+                    DeadLetterReason::Permanent
+                } else {
+                    DeadLetterReason::MaxDeliveries
+                },
+            },
             Ok(Outcome::Released { .. } | Outcome::LeaseLost { .. }) => backoff,
             Err(DedupError::InvalidId(_)) => Settlement::DeadLetter {
                 reason: DeadLetterReason::Permanent,
@@ -143,7 +161,12 @@ pub struct Handled {
 #[cfg(any(feature = "jetstream", feature = "rabbitmq"))]
 pub(crate) fn dead_letter_error(outcome: &Result<Outcome, DedupError>) -> Option<String> {
     match outcome {
-        Ok(Outcome::Failed { error, .. }) => Some(error.to_string()),
+        Ok(
+            Outcome::Failed { error, .. }
+            | Outcome::Unrecorded {
+                result: Err(error), ..
+            },
+        ) => Some(error.to_string()),
         Ok(Outcome::Duplicate(replay)) => replay
             .error()
             .or_else(|| replay.failure().map(|reason| reason.to_string())),

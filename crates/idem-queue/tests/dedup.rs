@@ -1,5 +1,7 @@
 //! The broker-independent deduplicator, on the memory store.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -7,12 +9,12 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem::{
-    Begin, Fingerprint, Lease, MemoryStore, Record, RecordState, Scope, ScopedKey, Store,
+    Begin, Clock, Fingerprint, Lease, MemoryStore, Record, RecordState, Scope, ScopedKey, Store,
     StoreError, Stored, Token,
 };
 use idem_queue::{
-    Attempt, ConfigError, DeadLetter, DeadLetterReason, DedupError, DedupOptions, Deduplicator,
-    HandlerError, Outcome, ResultExt, status,
+    Attempt, Claim, ConfigError, DeadLetter, DeadLetterReason, DedupError, DedupOptions,
+    Deduplicator, HandlerError, Outcome, ResultExt, RetryPolicy, Settlement, status,
 };
 
 fn dedup_with(options: DedupOptions) -> Deduplicator<Arc<MemoryStore>> {
@@ -324,18 +326,88 @@ fn options_name_the_bad_field() {
     );
     assert_eq!(
         check(DedupOptions {
-            complete_attempts: 0,
+            lease: Duration::from_secs(400_000_000_000 * 365 * 86_400),
+            retention: Duration::MAX,
             ..DedupOptions::default()
         }),
-        Err("complete_attempts")
+        Err("lease")
     );
+    assert_eq!(
+        check(DedupOptions {
+            retention: Duration::MAX,
+            ..DedupOptions::default()
+        }),
+        Err("retention")
+    );
+    assert_eq!(
+        check(DedupOptions {
+            dead_letter_retention: Duration::MAX,
+            ..DedupOptions::default()
+        }),
+        Err("dead_letter_retention")
+    );
+    for store_timeout in [Duration::ZERO, Duration::from_secs(3_600)] {
+        assert_eq!(
+            check(DedupOptions {
+                store_timeout,
+                ..DedupOptions::default()
+            }),
+            Err("store_timeout")
+        );
+    }
+    for complete_for in [Duration::ZERO, Duration::MAX] {
+        assert_eq!(
+            check(DedupOptions {
+                complete_for,
+                ..DedupOptions::default()
+            }),
+            Err("complete_for")
+        );
+    }
+    let defaults = DedupOptions::default();
+    assert_eq!(defaults.store_timeout, Duration::from_secs(5));
+    assert_eq!(defaults.complete_for, Duration::from_secs(30));
 }
 
-/// A memory store whose `complete` fails the first `failures` times.
-#[derive(Debug, Default)]
+/// Wall time that moves with tokio's clock, so that in a paused test leases end while the
+/// deduplicator's retries and renewals sleep.
+#[derive(Debug)]
+struct TokioClock {
+    started: tokio::time::Instant,
+    at_start: SystemTime,
+}
+
+impl TokioClock {
+    fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            at_start: SystemTime::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> SystemTime {
+        self.at_start + self.started.elapsed()
+    }
+}
+
+/// A memory store whose next `failures` calls to `complete` fail (`usize::MAX`: all of them).
+#[derive(Debug)]
 struct FlakyComplete {
     inner: MemoryStore,
     failures: AtomicUsize,
+    completes: AtomicUsize,
+}
+
+impl FlakyComplete {
+    fn new(inner: MemoryStore, failures: usize) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            failures: AtomicUsize::new(failures),
+            completes: AtomicUsize::new(0),
+        })
+    }
 }
 
 #[async_trait]
@@ -355,11 +427,16 @@ impl Store for FlakyComplete {
         stored: &Stored,
         retain: Duration,
     ) -> Result<SystemTime, StoreError> {
-        if self
+        self.completes.fetch_add(1, Ordering::SeqCst);
+        let failing = self
             .failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                0 => None,
+                usize::MAX => Some(usize::MAX),
+                n => Some(n - 1),
+            })
+            .is_ok();
+        if failing {
             return Err(StoreError::backend("complete", "injected failure"));
         }
         self.inner.complete(key, token, stored, retain).await
@@ -386,18 +463,131 @@ impl Store for FlakyComplete {
     }
 }
 
-#[tokio::test]
-async fn storing_the_outcome_is_retried_then_reported_unrecorded() {
-    let store = Arc::new(FlakyComplete::default());
-    let dedup = Deduplicator::new(Arc::clone(&store), Scope::new("flaky"));
-    store.failures.store(2, Ordering::SeqCst);
+type Charging<'a> = Pin<Box<dyn Future<Output = Result<&'static str, HandlerError>> + 'a>>;
+
+/// A handler that counts its runs and takes `takes` (of tokio time) to charge.
+fn charge<'a>(runs: &'a AtomicUsize, takes: Duration) -> impl FnOnce() -> Charging<'a> {
+    move || {
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(takes).await;
+            Ok("charged")
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outcome_is_stored_once_the_store_recovers_and_then_replayed() {
+    // Ten failures in a row: several seconds of retries, well within `complete_for`.
+    let store = FlakyComplete::new(MemoryStore::new(), 10);
+    let dedup = Deduplicator::new(Arc::clone(&store), Scope::new("recovering"));
+    let runs = AtomicUsize::new(0);
+
+    let first = dedup.process("pay-1", charge(&runs, Duration::ZERO)).await;
+    assert!(
+        matches!(first, Ok(Outcome::Processed { ref output }) if output == "charged"),
+        "{first:?}"
+    );
+    assert_eq!(store.completes.load(Ordering::SeqCst), 11);
+
+    // The redelivery (say the ack was lost) is a duplicate: acked, not run.
+    let again = dedup.process("pay-1", charge(&runs, Duration::ZERO)).await;
+    let Ok(Outcome::Duplicate(replay)) = &again else {
+        panic!("expected a duplicate, got {again:?}")
+    };
+    assert_eq!(replay.output().unwrap(), "charged");
+    assert_eq!(
+        RetryPolicy::default().settlement(Attempt::first(), &again),
+        Settlement::Ack
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outcome_that_cannot_be_stored_keeps_the_message_claimed_until_its_lease_ends() {
+    let store = FlakyComplete::new(MemoryStore::with_clock(TokioClock::new()), usize::MAX);
+    let dedup = Deduplicator::new(Arc::clone(&store), Scope::new("unstorable"));
+    let options = dedup.options().clone();
+    let runs = AtomicUsize::new(0);
+    let started = tokio::time::Instant::now();
+
+    // The handler takes most of a lease; then the store refuses its outcome for good.
+    let handler_takes = options.lease * 5 / 6;
+    let first = dedup.process("pay-2", charge(&runs, handler_takes)).await;
+    let gave_up_after = started.elapsed();
+    match &first {
+        Ok(Outcome::Unrecorded { result, error }) => {
+            assert_eq!(result.as_ref().unwrap(), "charged");
+            assert!(matches!(error, StoreError::Backend { .. }), "{error:?}");
+        }
+        other => panic!("expected an unrecorded outcome, got {other:?}"),
+    }
+    // Retried for `complete_for` with the lease renewed, not a few times in a blink.
+    assert!(gave_up_after >= handler_takes + options.complete_for - Duration::from_secs(2));
+    assert!(store.completes.load(Ordering::SeqCst) > 10);
+    // The handler ran: settled as done, not handed back for a redelivery that would run it.
+    assert_eq!(
+        RetryPolicy::default().settlement(Attempt::first(), &first),
+        Settlement::Ack
+    );
+
+    // A redelivery well past the first lease, but within the one renewed while storing was
+    // retried: the claim was never released, so it is in flight and does not run.
+    tokio::time::sleep_until(started + handler_takes + options.lease + options.lease / 6).await;
+    let again = dedup.process("pay-2", charge(&runs, Duration::ZERO)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "ran again: {again:?}");
+    assert!(matches!(again, Ok(Outcome::InFlight { .. })), "{again:?}");
+
+    // Once that lease has ended nothing is left: a redelivery then runs it again (the
+    // documented limit of a store that stays down).
+    tokio::time::sleep(options.lease).await;
+    let late = dedup.process("pay-2", charge(&runs, Duration::ZERO)).await;
+    assert!(matches!(late, Ok(Outcome::Unrecorded { .. })), "{late:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn completing_a_claim_that_cannot_be_stored_does_not_release_it() {
+    let store = FlakyComplete::new(MemoryStore::new(), usize::MAX);
+    let dedup = Deduplicator::new(Arc::clone(&store), Scope::new("claims"));
+    let Ok(Claim::Acquired(held)) = dedup.claim("done-elsewhere", None).await else {
+        panic!("expected a claim")
+    };
+    let error = held.complete("receipt").await.unwrap_err();
+    assert!(
+        matches!(error, DedupError::Unrecorded(StoreError::Backend { .. })),
+        "{error:?}"
+    );
     assert!(matches!(
-        dedup.process("a", || async { Ok("") }).await.unwrap(),
-        Outcome::Processed { .. }
+        dedup.claim("done-elsewhere", None).await,
+        Ok(Claim::InFlight { .. })
     ));
-    store.failures.store(3, Ordering::SeqCst);
-    assert!(matches!(
-        dedup.process("b", || async { Ok("") }).await,
-        Err(DedupError::Unrecorded(StoreError::Backend { .. }))
-    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_its_thread_keeps_its_lease() {
+    let dedup = dedup_with(short_lease());
+    let running = {
+        let dedup = dedup.clone();
+        tokio::spawn(async move {
+            dedup
+                .process("blocking", || async {
+                    // Four leases without yielding: a synchronous client, a CPU-bound step.
+                    std::thread::sleep(Duration::from_millis(600));
+                    Ok("finished")
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let second = dedup
+        .process("blocking", || async { Ok("stolen") })
+        .await
+        .unwrap();
+    assert!(matches!(second, Outcome::InFlight { .. }), "{second:?}");
+    let first = running.await.unwrap().unwrap();
+    assert!(
+        matches!(first, Outcome::Processed { ref output } if output == "finished"),
+        "{first:?}"
+    );
 }
