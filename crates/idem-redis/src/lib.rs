@@ -60,9 +60,16 @@
 //! of a key exactly one acquires it. `get` is a read-only script (`no-writes`).
 //!
 //! Time is Redis' own clock (`TIME`, read inside each script), so gateways with skewed
-//! clocks agree on leases. Leases and retention are also Redis' native key expiry
-//! (`PEXPIREAT` at the lease or retention end): an expired record is gone by itself, and
-//! [`Store::sweep`] has nothing to do (it returns `Ok(0)`).
+//! clocks agree on leases. Leases and retention are also Redis' native key expiry: a
+//! completed record is gone by itself at its retention end (`PEXPIREAT`), and
+//! [`Store::sweep`] has nothing to do (it returns `Ok(0)`). An in-flight record expires one
+//! more lease length past its lease end: it reads as absent (a new `begin` takes the key over)
+//! but its holder's late [`Store::complete`] still finds it, so a slow write never turns
+//! into a second execution.
+//!
+//! Leases and retentions are sent as whole milliseconds; one past [`idem::transition::MAX_SPAN`]
+//! (about a hundred years, which keeps every time exact in Lua's numbers) is refused with
+//! [`StoreError::DurationOutOfRange`] before anything is sent.
 //!
 //! **Fencing tokens** are `max(previous token + 1, TIME in microseconds)`. Within a record's
 //! life the first term makes them grow; once a record is gone (released, deleted, expired)
@@ -112,17 +119,13 @@ use fred::types::scripts::Script;
 use fred::types::{ConnectHandle, Value};
 use idem::{
     Begin, Fingerprint, Lease, Record, RecordState, ScopedKey, Store, StoreError, Stored, Token,
-    from_unix_millis, to_millis,
+    from_unix_millis, to_millis, transition,
 };
 
 pub use fred;
 pub use options::{ConnectError, RedisOptions};
 
 use crate::scripts::Scripts;
-
-/// Leases and retentions are capped at about a hundred years, so that times stay exact in
-/// Lua's numbers.
-const MAX_SPAN_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// The Redis and Redis Cluster store. See the [crate docs](crate).
 ///
@@ -361,7 +364,7 @@ impl Store for RedisStore {
         push_hex(&mut fp, fingerprint.as_bytes());
         let args = vec![
             Value::from(fp),
-            span(lease),
+            span(OP, lease)?,
             Value::from(key.scope().as_str()),
             Value::from(key.key().as_str()),
         ];
@@ -396,7 +399,7 @@ impl Store for RedisStore {
         const OP: &str = "complete";
         let args = vec![
             Value::from(token.get().to_string()),
-            span(retain),
+            span(OP, retain)?,
             Value::Bytes(stored.encode().into()),
         ];
         let reply = self
@@ -429,7 +432,7 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<Lease, StoreError> {
         const OP: &str = "renew";
-        let args = vec![Value::from(token.get().to_string()), span(lease)];
+        let args = vec![Value::from(token.get().to_string()), span(OP, lease)?];
         let reply = self
             .run_tagged(OP, &self.inner.scripts.renew, key, args)
             .await?;
@@ -507,9 +510,11 @@ impl Store for RedisStore {
     }
 }
 
-/// A lease or retention, as whole milliseconds for a script argument.
-fn span(d: Duration) -> Value {
-    Value::from(to_millis(d).min(MAX_SPAN_MS).to_string())
+/// A lease or retention, as whole milliseconds for a script argument; refused past
+/// [`transition::MAX_SPAN`], so the script's arithmetic stays exact.
+fn span(operation: &'static str, d: Duration) -> Result<Value, StoreError> {
+    let d = transition::span(operation, d)?;
+    Ok(Value::from(to_millis(d).to_string()))
 }
 
 fn tag(reply: &[Value]) -> Option<&str> {
@@ -618,8 +623,24 @@ mod tests {
     }
 
     #[test]
-    fn spans_are_capped() {
-        assert_eq!(span(Duration::from_millis(1500)), Value::from("1500"));
-        assert_eq!(span(Duration::MAX), Value::from(MAX_SPAN_MS.to_string()));
+    fn spans_past_the_maximum_are_refused() {
+        assert_eq!(
+            span("begin", Duration::from_millis(1500)).unwrap(),
+            Value::from("1500")
+        );
+        let most = transition::MAX_SPAN;
+        assert_eq!(
+            span("begin", most).unwrap(),
+            Value::from(to_millis(most).to_string())
+        );
+        for absurd in [most + Duration::from_millis(1), Duration::MAX] {
+            assert!(matches!(
+                span("renew", absurd),
+                Err(StoreError::DurationOutOfRange {
+                    operation: "renew",
+                    ..
+                })
+            ));
+        }
     }
 }

@@ -18,10 +18,12 @@
 //! | `scope`      | the scope's text, for inspection only                      |
 //! | `key`        | the key's text, for inspection only                        |
 //!
-//! The key also carries a native expiry (`PEXPIREAT`) at `expires_ms`, so Redis forgets
-//! records by itself. Scripts still compare `expires_ms` with the clock, because Redis keeps
-//! a key until the millisecond after its expiry time while the contract says a record stops
-//! counting at that very millisecond.
+//! The key also carries a native expiry (`PEXPIREAT`), so Redis forgets records by itself:
+//! at the retention end once completed, and one more lease length past the lease end while
+//! in flight, so that the holder's late `complete` still finds the record (it reads as
+//! absent to `begin` and `get` meanwhile). Scripts compare `expires_ms` with the clock for
+//! that, and because Redis keeps a key until the millisecond after its expiry time while the
+//! contract says a record stops counting at that very millisecond.
 
 use fred::types::scripts::Script;
 
@@ -60,21 +62,35 @@ end
 local token = now_us
 local previous = tonumber(r[4])
 if previous ~= nil and previous >= token then token = previous + 1 end
-local lease_end = now_ms + tonumber(ARGV[2])
+local lease = tonumber(ARGV[2])
+local lease_end = now_ms + lease
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'in_flight', 'fp', ARGV[1], 'token', fmt(token),
   'expires_ms', fmt(lease_end), 'scope', ARGV[3], 'key', ARGV[4])
-redis.call('PEXPIREAT', KEYS[1], lease_end)
+redis.call('PEXPIREAT', KEYS[1], lease_end + lease)
 return {'acquired', fmt(token), fmt(lease_end)}
 "#;
 
 /// `complete`. ARGV: token, retention (ms), encoded outcome.
+///
+/// The holder of the current token completes an in-flight record even after its lease ended
+/// (the record is still there: nobody took it over, released or deleted it). The token that
+/// completed the record gets its retention end again, and nothing changes.
 const COMPLETE: &str = r#"
-if not held(ARGV[1]) then return {'lost'} end
-local retain_end = now_ms + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'state', 'completed', 'expires_ms', fmt(retain_end), 'stored', ARGV[3])
-redis.call('PEXPIREAT', KEYS[1], retain_end)
-return {'ok', fmt(retain_end)}
+local r = redis.call('HMGET', KEYS[1], 'state', 'expires_ms', 'token')
+if r[3] ~= ARGV[1] then return {'lost'} end
+if r[1] == 'in_flight' then
+  local retain_end = now_ms + tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], 'state', 'completed', 'expires_ms', fmt(retain_end),
+    'stored', ARGV[3])
+  redis.call('PEXPIREAT', KEYS[1], retain_end)
+  return {'ok', fmt(retain_end)}
+end
+local expires = tonumber(r[2])
+if r[1] == 'completed' and expires ~= nil and now_ms < expires then
+  return {'ok', fmt(expires)}
+end
+return {'lost'}
 "#;
 
 /// `release`. ARGV: token.
@@ -87,9 +103,10 @@ return {'ok'}
 /// `renew`. ARGV: token, lease (ms).
 const RENEW: &str = r#"
 if not held(ARGV[1]) then return {'lost'} end
-local lease_end = now_ms + tonumber(ARGV[2])
+local lease = tonumber(ARGV[2])
+local lease_end = now_ms + lease
 redis.call('HSET', KEYS[1], 'expires_ms', fmt(lease_end))
-redis.call('PEXPIREAT', KEYS[1], lease_end)
+redis.call('PEXPIREAT', KEYS[1], lease_end + lease)
 return {'ok', fmt(lease_end)}
 "#;
 

@@ -214,11 +214,26 @@ async fn a_record_is_one_hash_named_by_the_digest() {
         text("expires_ms"),
         Some(idem::unix_millis(lease.expires_at).to_string())
     );
-    // Redis expires the record at the lease end by itself.
+    // Redis expires an in-flight record by itself one more lease length past the lease end
+    // (so the holder's late complete still finds it), a completed one at its retention end.
     let expire_at: i64 = pool.pexpire_time(&name).await.unwrap();
     assert_eq!(
         u64::try_from(expire_at).unwrap(),
-        idem::unix_millis(lease.expires_at)
+        idem::unix_millis(lease.expires_at) + 60_000
+    );
+    let retained = store
+        .complete(
+            &key,
+            lease.token,
+            &Stored::new(200),
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap();
+    let expire_at: i64 = pool.pexpire_time(&name).await.unwrap();
+    assert_eq!(
+        u64::try_from(expire_at).unwrap(),
+        idem::unix_millis(retained)
     );
 }
 
