@@ -154,35 +154,26 @@ impl Rig {
     }
 }
 
+/// One test, `$store`, of `$scenario` on `Backend::$store`, named for the scenario.
+macro_rules! store_test {
+    ($store:ident, $name:ident, $scenario:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $store() {
+            let scenario = $scenario;
+            scenario(Backend::$store(stringify!($name))).await;
+        }
+    };
+}
+
 /// One test per store for `$scenario(backend)`, in a module named for the scenario.
 macro_rules! on_every_store {
     ($name:ident, $scenario:expr) => {
         mod $name {
             use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                let scenario = $scenario;
-                scenario(Backend::memory(stringify!($name))).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redb() {
-                let scenario = $scenario;
-                scenario(Backend::redb(stringify!($name))).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                let scenario = $scenario;
-                scenario(Backend::redis(stringify!($name))).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let scenario = $scenario;
-                scenario(Backend::postgres(stringify!($name))).await;
-            }
+            store_test!(memory, $name, $scenario);
+            store_test!(redb, $name, $scenario);
+            store_test!(redis, $name, $scenario);
+            store_test!(postgres, $name, $scenario);
         }
     };
 }
@@ -192,18 +183,8 @@ macro_rules! on_every_shared_store {
     ($name:ident, $scenario:expr) => {
         mod $name {
             use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                let scenario = $scenario;
-                scenario(Backend::redis(stringify!($name))).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let scenario = $scenario;
-                scenario(Backend::postgres(stringify!($name))).await;
-            }
+            store_test!(redis, $name, $scenario);
+            store_test!(postgres, $name, $scenario);
         }
     };
 }

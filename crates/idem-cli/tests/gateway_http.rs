@@ -652,3 +652,38 @@ async fn a_response_over_max_stored_body_streams_once_and_is_never_run_again() {
     assert_eq!(problem["original_status"], 201);
     assert_eq!(upstream.count("large-1"), 1);
 }
+
+/// The gateway with the default policy, for the shared table rows.
+struct Gateway {
+    upstream: Upstream,
+    gateway: TestGateway,
+    client: HttpClient,
+}
+
+impl idem_testkit::semantics::Subject for Gateway {
+    fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    fn target(&self, path: &str) -> String {
+        self.gateway.url(path)
+    }
+
+    async fn send(&self, request: Request<Body>) -> Answer {
+        send(&self.client, request).await
+    }
+}
+
+/// The table rows shared with the layer's suite (idem-http's semantics.rs), through the
+/// gateway over sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_http_semantics_hold_through_the_gateway() {
+    let upstream = Upstream::start().await;
+    let gateway = TestGateway::around(&upstream, "").await;
+    let subject = Gateway {
+        upstream,
+        gateway,
+        client: client(),
+    };
+    idem_testkit::semantics::run_all(&subject).await;
+}

@@ -673,3 +673,25 @@ async fn replay_headers_can_be_narrowed() {
     assert!(!retry.headers.contains_key("set-cookie"));
     assert_eq!(retry.header("location"), Some("/payments/1"));
 }
+
+impl idem_testkit::semantics::Subject for Harness {
+    fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    fn target(&self, path: &str) -> String {
+        path.to_owned()
+    }
+
+    async fn send(&self, request: Request<Body>) -> Answer {
+        Harness::send(self, request).await
+    }
+}
+
+/// The table rows shared with the gateway's suite (idem-cli's gateway_http.rs), through
+/// the layer in process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shared_http_semantics_hold_in_process() {
+    let h = Harness::new(policy()).await;
+    idem_testkit::semantics::run_all(&h).await;
+}

@@ -19,6 +19,7 @@
 mod answer;
 mod client;
 mod fault;
+pub mod semantics;
 mod services;
 mod upstream;
 mod wait;
