@@ -62,7 +62,8 @@ where
             complete_for: policy.complete_for,
             ..HoldOptions::new(policy.lease)
         },
-    );
+    )
+    .await;
     let Job {
         mut inner,
         parts,

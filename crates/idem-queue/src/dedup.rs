@@ -786,11 +786,8 @@ impl<S: Store> Deduplicator<S> {
                     key,
                     lease,
                     self.inner.options.hold_options(),
-                );
-                // Let the renewal task just spawned take its first turn now: tokio runs a
-                // freshly spawned task next on this worker, and no other worker may steal it
-                // from there, so a handler that then blocks this thread would starve it.
-                tokio::task::yield_now().await;
+                )
+                .await;
                 Claim::Acquired(Held {
                     dedup: self.clone(),
                     holder,

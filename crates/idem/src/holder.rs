@@ -92,7 +92,7 @@ impl LostSignal {
 /// let Begin::Acquired(lease) = store.begin(&key, &fingerprint, options.lease).await? else {
 ///     unreachable!()
 /// };
-/// let holder = Holder::start(Arc::clone(&store), key.clone(), lease, options);
+/// let holder = Holder::start(Arc::clone(&store), key.clone(), lease, options).await;
 /// // ... run the operation ...
 /// holder.complete(&Stored::new(201), Duration::from_secs(3600)).await?;
 /// assert!(matches!(store.begin(&key, &fingerprint, options.lease).await?, Begin::Completed { .. }));
@@ -110,7 +110,11 @@ pub struct Holder<S: Store + Clone> {
 
 impl<S: Store + Clone> Holder<S> {
     /// Starts renewing `lease` of `key` every [`HoldOptions::renew_every`].
-    pub fn start(store: S, key: ScopedKey, lease: Lease, options: HoldOptions) -> Self {
+    ///
+    /// It yields once, so the renewal task gets its first turn before the caller goes on:
+    /// tokio runs a freshly spawned task next on the spawning worker, where no other worker
+    /// may steal it, so an operation that then blocks this thread would starve it.
+    pub async fn start(store: S, key: ScopedKey, lease: Lease, options: HoldOptions) -> Self {
         let lost = Arc::new(LostSignal::default());
         let renewer = (!options.renew_every.is_zero()).then(|| {
             tokio::spawn(renew_until_lost(
@@ -121,14 +125,16 @@ impl<S: Store + Clone> Holder<S> {
                 Arc::clone(&lost),
             ))
         });
-        Self {
+        let holder = Self {
             store,
             key,
             token: lease.token,
             options,
             lost,
             renewer,
-        }
+        };
+        tokio::task::yield_now().await;
+        holder
     }
 
     /// The key held.
@@ -275,7 +281,7 @@ mod tests {
         let store = Arc::new(MemoryStore::with_clock(clock.clone()));
         let options = options(300);
         let lease = claim(&store, options.lease).await;
-        let holder = Holder::start(Arc::clone(&store), key(), lease, options);
+        let holder = Holder::start(Arc::clone(&store), key(), lease, options).await;
         // A blocking-ish operation: time passes in steps, nobody polls the holder.
         for _ in 0..10 {
             clock.advance(Duration::from_millis(100));
@@ -293,7 +299,7 @@ mod tests {
         let store = Arc::new(Flaky::new(MemoryStore::new()));
         let options = options(60_000);
         let lease = claim(&store, options.lease).await;
-        let holder = Holder::start(Arc::clone(&store), key(), lease, options);
+        let holder = Holder::start(Arc::clone(&store), key(), lease, options).await;
         store.fail_next_completes(5);
         holder
             .complete(&Stored::new(201), Duration::from_secs(60))
@@ -312,7 +318,7 @@ mod tests {
         let store = Arc::new(Flaky::new(MemoryStore::new()));
         let options = options(60_000);
         let lease = claim(&store, options.lease).await;
-        let holder = Holder::start(Arc::clone(&store), key(), lease, options);
+        let holder = Holder::start(Arc::clone(&store), key(), lease, options).await;
         store.fail_next_completes(u32::MAX);
         let started = tokio::time::Instant::now();
         let error = holder
@@ -339,7 +345,7 @@ mod tests {
             ..options(100)
         };
         let lease = claim(&store, options.lease).await;
-        let holder = Holder::start(Arc::clone(&store), key(), lease, options);
+        let holder = Holder::start(Arc::clone(&store), key(), lease, options).await;
         clock.advance(Duration::from_millis(150));
         let _newer = claim(&store, Duration::from_secs(60)).await;
         tokio::time::timeout(Duration::from_secs(1), holder.lost())
