@@ -34,9 +34,13 @@
 //! - **One statement per call.** [`Store::begin`] is a single `INSERT … ON CONFLICT … DO
 //!   UPDATE … WHERE expires_at <= now() RETURNING` (inside a CTE that also reads the live
 //!   record when the claim did not happen), so of any number of concurrent `begin`s of a key
-//!   exactly one acquires it. `complete`, `release` and `renew` are one `UPDATE` each whose
-//!   `WHERE` checks the fencing token, the in-flight state and that the lease has not ended;
-//!   when no row matches the caller gets [`StoreError::LeaseLost`].
+//!   exactly one acquires it. `release` and `renew` are one `UPDATE` each whose `WHERE`
+//!   checks the fencing token, the in-flight state and that the lease has not ended; when no
+//!   row matches the caller gets [`StoreError::LeaseLost`]. `complete` is one statement too:
+//!   it accepts the current token while the in-flight record is kept (its lease may have
+//!   ended: see below), and answers a repeat by the token that completed the record with its
+//!   retention end; only when neither matched does it read once more, under a fresh snapshot,
+//!   in case a concurrent complete of the same token committed meanwhile.
 //! - **Round trips** (measured by `tests/round_trips.rs`): once a statement is prepared on
 //!   a connection (its first use there costs one more), each call is one round trip, so
 //!   `begin` + `complete` cost two. After each call sqlx also pings the connection as it
@@ -46,13 +50,17 @@
 //!   its statement once more (READ COMMITTED: its snapshot predates that commit).
 //! - **The server's clock.** Every lease and retention is measured with the database's
 //!   `now()`, so gateways with skewed clocks agree. Durations are sent as intervals (with
-//!   microsecond precision; anything beyond 100 years is clamped to 100 years).
+//!   microsecond precision); one past [`idem::transition::MAX_SPAN`] (about 100 years) is
+//!   refused with [`StoreError::DurationOutOfRange`] before anything is sent.
 //! - **Fencing tokens** come from a sequence (`<table>_token_seq`), so they grow per key
 //!   across takeovers, releases and expiry: a takeover draws its token while it holds the
 //!   row lock, and a released record stays in place (expired) until it is swept. After an
 //!   explicit [`Store::delete`] or a sweep, a new claim's token is larger than every token
 //!   drawn before its statement started.
-//! - **Expired records** read as absent at once. They are deleted by [`Store::sweep`] in
+//! - **Expired records** read as absent at once. An in-flight record whose lease ended is
+//!   kept (column `kept_until`) one more lease length, so its holder's late `complete` still
+//!   finds it; a released one is not kept at all. Records no longer kept are deleted by
+//!   [`Store::sweep`] in
 //!   bounded batches (`FOR UPDATE SKIP LOCKED`, oldest first, using the index on
 //!   `expires_at`); a sweep takes a transaction-scoped advisory lock named after the table
 //!   (`pg_try_advisory_xact_lock(hashtextextended('idem-postgres sweep <table>', 0))`), so
@@ -103,6 +111,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use idem::{
     Begin, Fingerprint, Lease, Record, RecordState, ScopedKey, Store, StoreError, Stored, Token,
+    transition,
 };
 use sqlx::postgres::types::PgInterval;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
@@ -120,8 +129,10 @@ pub const DEFAULT_TABLE: &str = "idem_records";
 /// record from its snapshot (each retry takes a fresh snapshot; one is almost always enough).
 const BEGIN_ATTEMPTS: usize = 8;
 
-/// Durations are clamped to this, so `now() + duration` stays within timestamptz's range.
-const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// The longest `acquire_timeout` and `statement_timeout` used: Postgres' own limit for
+/// `statement_timeout` (`i32::MAX` milliseconds, about 24.8 days). Longer settings are
+/// capped to it, which also keeps the pool's deadline arithmetic from overflowing.
+pub const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// Why a store could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -235,17 +246,17 @@ impl PostgresOptions {
     }
 
     /// How long a call may wait for a pooled connection, including opening one (default
-    /// 5 s). When the database is unreachable, calls fail with [`StoreError::Backend`]
-    /// after at most this long.
+    /// 5 s, capped at [`MAX_TIMEOUT`]). When the database is unreachable, calls fail with
+    /// [`StoreError::Backend`] after at most this long.
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
+        self.acquire_timeout = timeout.min(MAX_TIMEOUT);
         self
     }
 
-    /// Postgres' `statement_timeout` for the store's sessions (default 10 s; `None` leaves
-    /// the server's setting).
+    /// Postgres' `statement_timeout` for the store's sessions (default 10 s, capped at
+    /// [`MAX_TIMEOUT`]; `None` leaves the server's setting).
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.statement_timeout = timeout;
+        self.statement_timeout = timeout.map(|timeout| timeout.min(MAX_TIMEOUT));
         self
     }
 
@@ -298,7 +309,7 @@ impl PostgresOptions {
         if let Some(timeout) = self.statement_timeout {
             options = options.options([(
                 "statement_timeout",
-                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                u64::try_from(timeout.min(MAX_TIMEOUT).as_millis()).unwrap_or(u64::MAX),
             )]);
         }
         Ok(options)
@@ -404,13 +415,20 @@ impl PostgresStore {
     }
 }
 
-fn interval(duration: Duration) -> PgInterval {
-    PgInterval {
+/// A lease or retention as an interval; refused past [`transition::MAX_SPAN`], so that
+/// `now() + 2 * interval` stays far inside timestamptz's range.
+fn interval(operation: &'static str, duration: Duration) -> Result<PgInterval, StoreError> {
+    let duration = transition::span(operation, duration)?;
+    let microseconds =
+        i64::try_from(duration.as_micros()).map_err(|_| StoreError::DurationOutOfRange {
+            operation,
+            duration,
+        })?;
+    Ok(PgInterval {
         months: 0,
         days: 0,
-        // MAX_DURATION in microseconds fits an i64 many times over.
-        microseconds: i64::try_from(duration.min(MAX_DURATION).as_micros()).unwrap_or(i64::MAX),
-    }
+        microseconds,
+    })
 }
 
 fn token_param(token: Token) -> i64 {
@@ -420,11 +438,13 @@ fn token_param(token: Token) -> i64 {
 
 fn time_of(micros: i64) -> SystemTime {
     let offset = Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 {
-        UNIX_EPOCH + offset
+    let time = if micros >= 0 {
+        UNIX_EPOCH.checked_add(offset)
     } else {
-        UNIX_EPOCH.checked_sub(offset).unwrap_or(UNIX_EPOCH)
-    }
+        UNIX_EPOCH.checked_sub(offset)
+    };
+    // Only reachable on a platform whose clock cannot hold ±292 000 years.
+    time.unwrap_or(UNIX_EPOCH)
 }
 
 fn token_of(value: i64) -> Result<Token, StoreError> {
@@ -508,7 +528,7 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<Begin, StoreError> {
         let id = key.digest();
-        let lease = interval(lease);
+        let lease = interval("begin", lease)?;
         for attempt in 1..=BEGIN_ATTEMPTS {
             if let Some(answer) = self.begin_once(&id, key, fingerprint, lease).await? {
                 return Ok(answer);
@@ -525,11 +545,24 @@ impl Store for PostgresStore {
         stored: &Stored,
         retain: Duration,
     ) -> Result<SystemTime, StoreError> {
+        let retain = interval("complete", retain)?;
+        let id = key.digest();
         let expires_us: Option<i64> = sqlx::query_scalar(self.sql.complete.clone())
-            .bind(key.digest().as_slice())
+            .bind(id.as_slice())
             .bind(token_param(token))
             .bind(stored.encode())
-            .bind(interval(retain))
+            .bind(retain)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::backend("complete", e))?;
+        if let Some(expires_us) = expires_us {
+            return Ok(time_of(expires_us));
+        }
+        // A concurrent complete of this token may have committed while the statement waited
+        // on the row, after its snapshot was taken: look again before saying lost.
+        let expires_us: Option<i64> = sqlx::query_scalar(self.sql.completed_by.clone())
+            .bind(id.as_slice())
+            .bind(token_param(token))
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| StoreError::backend("complete", e))?;
@@ -556,10 +589,11 @@ impl Store for PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<Lease, StoreError> {
+        let lease = interval("renew", lease)?;
         let expires_us: Option<i64> = sqlx::query_scalar(self.sql.renew.clone())
             .bind(key.digest().as_slice())
             .bind(token_param(token))
-            .bind(interval(lease))
+            .bind(lease)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| StoreError::backend("renew", e))?;

@@ -5,7 +5,7 @@ use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
 use crate::ConnectError;
 
 /// The newest schema version this crate creates.
-pub(crate) const SCHEMA_VERSION: i32 = 1;
+pub(crate) const SCHEMA_VERSION: i32 = 2;
 
 /// The table that records, per records table, which schema version it is at. It lives in
 /// the records table's schema (or on the search path when the name is unqualified).
@@ -130,6 +130,14 @@ impl TableName {
                  COMMENT ON TABLE {table} IS 'idem-postgres idempotency records; \
                      id = ScopedKey::digest(), outcome = Stored::encode()';\n\
                  CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);\n"
+            ),
+            // Until when a record is kept past its expiry, so that the holder of an in-flight
+            // record whose lease ended can still complete it. NULL (rows written by version 1
+            // code) means at its expiry; the row is kept until the later of the two.
+            2 => format!(
+                "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS kept_until timestamptz;\n\
+                 COMMENT ON COLUMN {table}.kept_until IS 'in flight: lease end + one lease \
+                     length, for the holder''s late complete; NULL: at expires_at';\n"
             ),
             _ => String::new(),
         }
@@ -309,7 +317,8 @@ mod tests {
         let script = TableName::parse("ops.idem_records").unwrap().script();
         assert!(script.starts_with("BEGIN;\nCREATE SCHEMA IF NOT EXISTS \"ops\";"));
         assert!(script.contains("CREATE TABLE IF NOT EXISTS \"ops\".\"idem_records\""));
-        assert!(script.contains("VALUES ('idem_records', 1)"));
+        assert!(script.contains("ADD COLUMN IF NOT EXISTS kept_until timestamptz"));
+        assert!(script.contains("VALUES ('idem_records', 2)"));
         assert!(script.ends_with("COMMIT;\n"));
     }
 }

@@ -220,3 +220,27 @@ async fn bad_configuration_is_refused_before_connecting() {
         other => panic!("a non-Postgres URL should be refused, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_timeouts_are_capped_rather_than_overflowing() {
+    let guard = SchemaGuard::new();
+    let options = PostgresOptions::new()
+        .table(guard.table("idem_records"))
+        .acquire_timeout(Duration::MAX)
+        .statement_timeout(Some(Duration::MAX));
+    let store = PostgresStore::connect_with(&database_url(), &options)
+        .await
+        .expect("huge timeouts are capped, not a panic nor a refused session");
+    let timeout: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        timeout,
+        format!("{}ms", idem_postgres::MAX_TIMEOUT.as_millis())
+    );
+    store
+        .begin(&key(), &fingerprint(), Duration::from_secs(60))
+        .await
+        .expect("the store serves");
+}

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store};
+use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
 use idem_postgres::sqlx::{self, Connection, PgConnection};
 use idem_postgres::{ConnectError, PostgresOptions, PostgresStore};
 
@@ -64,8 +64,77 @@ async fn connecting_twice_migrates_once_and_shares_the_records() {
     );
     assert_eq!(
         versions(&second, &guard.schema).await,
-        [("records".to_owned(), 1)]
+        [("records".to_owned(), 2)]
     );
+}
+
+#[tokio::test]
+async fn a_version_1_table_is_upgraded_and_its_records_keep_working() {
+    let guard = SchemaGuard::new();
+    let options = PostgresOptions::new().table(guard.table("records"));
+    let store = PostgresStore::connect_with(&database_url(), &options)
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let Begin::Acquired(done) = store
+        .begin(&key("done"), &fingerprint(), lease)
+        .await
+        .unwrap()
+    else {
+        panic!("not acquired")
+    };
+    let outcome = Stored::new(201).with_body("kept");
+    store
+        .complete(&key("done"), done.token, &outcome, lease)
+        .await
+        .unwrap();
+    let Begin::Acquired(running) = store
+        .begin(&key("running"), &fingerprint(), lease)
+        .await
+        .unwrap()
+    else {
+        panic!("not acquired")
+    };
+    store.close().await;
+    // Back to what version 1 left: no kept_until column.
+    let mut conn = PgConnection::connect(&database_url()).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE \"{schema}\".records DROP COLUMN kept_until;\n\
+         UPDATE \"{schema}\".idem_schema_versions SET version = 1;",
+        schema = guard.schema
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    let upgraded = PostgresStore::connect_with(&database_url(), &options)
+        .await
+        .unwrap();
+    assert_eq!(
+        versions(&upgraded, &guard.schema).await,
+        [("records".to_owned(), 2)]
+    );
+    match upgraded
+        .begin(&key("done"), &fingerprint(), lease)
+        .await
+        .unwrap()
+    {
+        Begin::Completed { stored, .. } => assert_eq!(*stored, outcome),
+        other => panic!("expected a replay, got {other:?}"),
+    }
+    // A claim made before the upgrade (kept_until NULL) is still held and completes.
+    assert!(matches!(
+        upgraded
+            .begin(&key("running"), &fingerprint(), lease)
+            .await
+            .unwrap(),
+        Begin::InFlight { .. }
+    ));
+    upgraded
+        .complete(&key("running"), running.token, &Stored::new(200), lease)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -94,7 +163,7 @@ async fn gateways_starting_together_do_not_trip_over_each_other() {
     .unwrap();
     assert_eq!(
         versions(&other, &guard.schema).await,
-        [("records".to_owned(), 1), ("records_b".to_owned(), 1)]
+        [("records".to_owned(), 2), ("records_b".to_owned(), 2)]
     );
 }
 
@@ -139,7 +208,7 @@ async fn skipping_migrations_needs_the_table_and_works_with_the_script() {
         .unwrap();
     assert_eq!(
         versions(&migrating, &guard.schema).await,
-        [("records".to_owned(), 1)]
+        [("records".to_owned(), 2)]
     );
     assert!(migrating.get(&key("a")).await.unwrap().is_some());
 }

@@ -266,3 +266,77 @@ async fn a_claim_committed_while_begin_waits_on_it_is_reported() {
         other.close().await.unwrap();
     }
 }
+
+/// A `complete` whose first attempt is still committing (its answer lost to a client-side
+/// deadline) is retried with the same token: the retry waits on the row, and once the first
+/// commits it must answer the stored expiry, not `LeaseLost`, though its snapshot predates
+/// that commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_complete_behind_its_committing_first_attempt_succeeds() {
+    use idem::Stored;
+    use idem_postgres::sqlx::{self, Connection, PgConnection};
+
+    let guard = SchemaGuard::new();
+    let store = store(&guard).await;
+    let key = key("retried");
+    let Begin::Acquired(lease) = store
+        .begin(&key, &fingerprint(), Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is acquired")
+    };
+    // The first attempt: the store's own UPDATE, left uncommitted for a while.
+    let mut first = PgConnection::connect(&database_url()).await.unwrap();
+    let mut tx = first.begin().await.unwrap();
+    let stored = Stored::new(201).with_body("first attempt");
+    let expires_us: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "UPDATE {} SET state = 'completed', outcome = $1, \
+         expires_at = now() + interval '60 seconds', kept_until = NULL \
+         WHERE id = $2 AND token = $3 \
+         RETURNING (extract(epoch FROM expires_at) * 1000000)::int8",
+        store.table()
+    )))
+    .bind(stored.encode())
+    .bind(key.digest().as_slice())
+    .bind(i64::try_from(lease.token.get()).unwrap())
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+
+    let retry = {
+        let (store, key, stored) = (Arc::clone(&store), key.clone(), stored.clone());
+        tokio::spawn(async move {
+            store
+                .complete(&key, lease.token, &stored, Duration::from_secs(60))
+                .await
+        })
+    };
+    // Let the retry start and block on the row lock, then commit the first attempt.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !retry.is_finished(),
+        "the retry waits for the first attempt"
+    );
+    tx.commit().await.unwrap();
+    first.close().await.unwrap();
+
+    let expires_at = retry
+        .await
+        .unwrap()
+        .expect("the retry is answered, not lost");
+    assert_eq!(
+        idem::unix_millis(expires_at),
+        u64::try_from(expires_us / 1000).unwrap()
+    );
+    match store
+        .begin(&key, &fingerprint(), Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        Begin::Completed {
+            stored: replayed, ..
+        } => assert_eq!(*replayed, stored),
+        other => panic!("expected the first attempt's outcome, got {other:?}"),
+    }
+}
