@@ -25,16 +25,20 @@ pub struct RedisOptions {
     pub prefix: String,
     /// How long [`RedisStore::connect_with`](crate::RedisStore::connect_with) waits for every
     /// pooled connection (in a cluster, to every primary), and the limit on each TCP connect
-    /// attempt (default 5 s).
+    /// attempt (default 5 s, at most a day).
     pub connect_timeout: Duration,
     /// How long one command may take, queueing while disconnected included, before the
     /// store call fails with [`StoreError::Backend`](idem::StoreError::Backend)
-    /// (default 2 s).
+    /// (default 2 s, at most a day).
     pub command_timeout: Duration,
     /// How many connections (in a cluster: sets of connections, one per primary) the store
     /// spreads its commands over (default 4).
     pub pool_size: usize,
 }
+
+/// The longest timeout an option accepts: longer ones are mistakes, and would overflow
+/// deadline arithmetic in the client.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 impl Default for RedisOptions {
     fn default() -> Self {
@@ -68,6 +72,14 @@ impl RedisOptions {
         }
         if self.command_timeout < Duration::from_millis(1) {
             return Err(invalid("command_timeout", "must be at least 1 ms"));
+        }
+        for (field, timeout) in [
+            ("connect_timeout", self.connect_timeout),
+            ("command_timeout", self.command_timeout),
+        ] {
+            if timeout > MAX_TIMEOUT {
+                return Err(invalid(field, "must be at most a day"));
+            }
         }
         if self.pool_size == 0 {
             return Err(invalid("pool_size", "must be at least 1"));
@@ -298,6 +310,30 @@ mod tests {
                 ..
             })
         ));
+        for huge in [MAX_TIMEOUT + Duration::from_millis(1), Duration::MAX] {
+            let bad = RedisOptions {
+                command_timeout: huge,
+                ..RedisOptions::default()
+            };
+            assert!(matches!(
+                bad.validate(),
+                Err(ConnectError::InvalidOption {
+                    field: "command_timeout",
+                    ..
+                })
+            ));
+            let bad = RedisOptions {
+                connect_timeout: huge,
+                ..RedisOptions::default()
+            };
+            assert!(matches!(
+                bad.validate(),
+                Err(ConnectError::InvalidOption {
+                    field: "connect_timeout",
+                    ..
+                })
+            ));
+        }
         assert!(RedisOptions::default().validate().is_ok());
     }
 }
