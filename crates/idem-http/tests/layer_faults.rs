@@ -7,17 +7,15 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use idem::{
-    Begin, Fingerprint, Lease, MemoryStore, Record, ScopedKey, Store, StoreError, Stored, Token,
-};
+use idem::testing::FaultyStore;
+use idem::{MemoryStore, Store};
 use idem_http::{
     BodyBudget, IdempotencyLayer, IdempotencyPolicy, NotSent, OnConflict, UnknownOutcome,
 };
@@ -557,71 +555,10 @@ async fn in_flight_retry_after_is_a_usable_hint_not_the_lease() {
     );
 }
 
-/// A store that can stall its claims and fail its completions.
-#[derive(Debug, Default)]
-struct Faulty {
-    inner: MemoryStore,
-    stall_begins: AtomicBool,
-    failing_completes: AtomicU32,
-    completes: AtomicU64,
-}
-
-#[async_trait]
-impl Store for Faulty {
-    async fn begin(
-        &self,
-        key: &ScopedKey,
-        fp: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Begin, StoreError> {
-        if self.stall_begins.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-        self.inner.begin(key, fp, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &ScopedKey,
-        token: Token,
-        stored: &Stored,
-        retain: Duration,
-    ) -> Result<SystemTime, StoreError> {
-        self.completes.fetch_add(1, Ordering::SeqCst);
-        let fail = self
-            .failing_completes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if fail {
-            return Err(StoreError::backend("complete", "disk full"));
-        }
-        self.inner.complete(key, token, stored, retain).await
-    }
-    async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &ScopedKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Lease, StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
-        self.inner.sweep(limit).await
-    }
-}
-
 #[tokio::test]
 async fn a_completion_the_store_refuses_for_a_while_is_retried_until_kept() {
-    let store = Arc::new(Faulty::default());
-    store.failing_completes.store(4, Ordering::SeqCst);
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.fail_next_completes(4);
     let inner = Inner::answering(201);
     let service = layer(Arc::clone(&store), policy()).layer(inner.clone());
     let first = send(&service, keyed("k")).await;
@@ -632,14 +569,14 @@ async fn a_completion_the_store_refuses_for_a_while_is_retried_until_kept() {
     );
     let retry = send(&service, keyed("k")).await;
     assert!(retry.replayed());
-    assert_eq!(store.completes.load(Ordering::SeqCst), 5);
+    assert_eq!(store.completes(), 5);
     assert_eq!(inner.executions(), 1);
 }
 
 #[tokio::test]
 async fn a_completion_that_cannot_be_kept_leaves_the_key_held_never_released() {
-    let store = Arc::new(Faulty::default());
-    store.failing_completes.store(u32::MAX, Ordering::SeqCst);
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.fail_next_completes(u32::MAX);
     let inner = Inner::answering(201);
     let policy = IdempotencyPolicy {
         complete_for: Duration::from_millis(300),
@@ -661,8 +598,8 @@ async fn a_completion_that_cannot_be_kept_leaves_the_key_held_never_released() {
 
 #[tokio::test]
 async fn a_stalled_store_is_answered_503_within_store_timeout() {
-    let store = Arc::new(Faulty::default());
-    store.stall_begins.store(true, Ordering::SeqCst);
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.stall_begins(true);
     let inner = Inner::answering(201);
     let policy = IdempotencyPolicy {
         store_timeout: Duration::from_millis(200),

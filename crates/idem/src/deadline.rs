@@ -122,11 +122,14 @@ impl<S: Store> Store for TimeoutStore<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing_support::Stalled;
+    use crate::MemoryStore;
+    use crate::faulty::FaultyStore;
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_store_answers_timeout_at_the_deadline() {
-        let store = TimeoutStore::new(Stalled, Duration::from_millis(300));
+        let stalled = FaultyStore::new(MemoryStore::new());
+        stalled.stall_everything(true);
+        let store = TimeoutStore::new(stalled, Duration::from_millis(300));
         let started = tokio::time::Instant::now();
         let key = ScopedKey::new(crate::Scope::anonymous(), crate::Key::new("k").unwrap());
         let error = store.get(&key).await.unwrap_err();

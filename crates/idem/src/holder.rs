@@ -258,8 +258,12 @@ async fn renew_until_lost<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing_support::{Flaky, key};
-    use crate::{Begin, Fingerprint, ManualClock, MemoryStore};
+    use crate::faulty::FaultyStore;
+    use crate::{Begin, Fingerprint, Key, ManualClock, MemoryStore, Scope};
+
+    fn key() -> ScopedKey {
+        ScopedKey::new(Scope::anonymous(), Key::new("unit").unwrap())
+    }
 
     fn options(lease_ms: u64) -> HoldOptions {
         HoldOptions::new(Duration::from_millis(lease_ms))
@@ -296,7 +300,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn complete_retries_a_failing_store_until_it_recovers() {
-        let store = Arc::new(Flaky::new(MemoryStore::new()));
+        let store = Arc::new(FaultyStore::new(MemoryStore::new()));
         let options = options(60_000);
         let lease = claim(&store, options.lease).await;
         let holder = Holder::start(Arc::clone(&store), key(), lease, options).await;
@@ -315,7 +319,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_outcome_that_cannot_be_stored_leaves_the_key_held() {
-        let store = Arc::new(Flaky::new(MemoryStore::new()));
+        let store = Arc::new(FaultyStore::new(MemoryStore::new()));
         let options = options(60_000);
         let lease = claim(&store, options.lease).await;
         let holder = Holder::start(Arc::clone(&store), key(), lease, options).await;

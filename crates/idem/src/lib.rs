@@ -30,14 +30,14 @@
 
 mod clock;
 mod deadline;
+#[cfg(any(test, feature = "testing"))]
+mod faulty;
 mod fingerprint;
 mod holder;
 mod key;
 mod memory;
 mod record;
 mod store;
-#[cfg(test)]
-mod testing_support;
 
 #[cfg(feature = "testing")]
 pub mod testing;

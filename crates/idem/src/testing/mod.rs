@@ -21,6 +21,8 @@
 
 pub mod model;
 
+pub use crate::faulty::FaultyStore;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
