@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use idem_http::NotSent;
 
 /// Where requests go: scheme, authority and a base path prefixed to every request's path.
 #[derive(Debug, Clone)]
@@ -124,7 +125,10 @@ pub struct Proxy {
     upstream: Upstream,
 }
 
-/// The upstream could not be reached, or the request could not be sent.
+/// The upstream could not be reached, or the exchange failed. An error that proves the
+/// request never left (no connection could be made) carries [`idem_http::NotSent`] in its
+/// source chain; any other error is an unknown outcome (the upstream may have processed
+/// the request).
 pub type ProxyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Proxy {
@@ -134,6 +138,16 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         let client = Client::builder(TokioExecutor::new())
+            // The client never sends a request twice. Its one retry (`retry_canceled_requests`,
+            // on by default) is for a request hyper hands back unwritten: a pooled
+            // connection that turned out closed before the dispatcher took the request off
+            // its queue (hyper's `TrySendError::take_message` is `Some` only then: "the
+            // message was never even started"), and only on a reused connection. Once the
+            // dispatcher has started writing, a failure comes back as an error with no
+            // request, and is never retried. So the retry cannot run anything twice, and
+            // keeping it spares clients errors from connections the upstream closed while
+            // idle.
+            .retry_canceled_requests(true)
             // Without a timer the idle timeout is never enforced.
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
@@ -167,7 +181,10 @@ impl tower::Service<Request<Body>> for Proxy {
                 let authority = parts.uri.authority()?;
                 HeaderValue::from_str(authority.as_str()).ok()
             });
-            parts.uri = upstream.uri_for(&parts.uri)?;
+            // Nothing has been sent if the upstream URI cannot even be built.
+            parts.uri = upstream
+                .uri_for(&parts.uri)
+                .map_err(|error| -> ProxyError { Box::new(NotSent::new(error)) })?;
             let client_addr = parts.extensions.get::<ClientAddr>().copied();
             strip_hop_by_hop(&mut parts.headers);
             if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
@@ -176,10 +193,29 @@ impl tower::Service<Request<Body>> for Proxy {
             add_forwarded(&mut parts.headers, client_addr, original_host);
             // Always HTTP/1.1 to the upstream, whatever the client spoke.
             parts.version = http::Version::HTTP_11;
-            let mut response = client.request(Request::from_parts(parts, body)).await?;
+            let mut response = client
+                .request(Request::from_parts(parts, body))
+                .await
+                .map_err(mark_not_sent)?;
             strip_hop_by_hop(response.headers_mut());
             Ok(response)
         })
+    }
+}
+
+/// Marks the client's error [`NotSent`] when it proves no byte of the request was written.
+///
+/// `is_connect()` is true only for errors before any connection carried the request: the
+/// connector's own (refused, connect timeout, DNS) and a failed pool checkout. Everything
+/// else stays unmarked, an unknown outcome: a reset or close after the request may have
+/// been written, a body error midway, and also failures hyper_util does not tell apart
+/// publicly (an HTTP handshake failure, or a request handed back unwritten on a fresh
+/// connection), which are treated as unknown to be safe.
+fn mark_not_sent(error: hyper_util::client::legacy::Error) -> ProxyError {
+    if error.is_connect() {
+        Box::new(NotSent::new(error))
+    } else {
+        Box::new(error)
     }
 }
 
