@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use idem::SystemClock;
-use idem::{MemoryStore, Store};
+use idem::{
+    Begin, Fingerprint, Lease, MemoryStore, Record, ScopedKey, Store, StoreError, Stored, Token,
+};
 use idem_postgres::{PostgresOptions, PostgresStore};
 use idem_redb::{RedbOptions, RedbStore};
 use idem_redis::{RedisOptions, RedisStore};
@@ -107,8 +110,8 @@ impl StoreUrl {
         Ok(match self {
             Self::Memory => {
                 let store = Arc::new(MemoryStore::new());
-                idem::spawn_sweeper(Arc::clone(&store), Duration::from_secs(1), 1024);
-                store
+                let sweeper = idem::spawn_sweeper(Arc::clone(&store), Duration::from_secs(1), 1024);
+                Arc::new(Swept::new(store, sweeper))
             }
             // redb sweeps on its own writer thread.
             Self::Redb(path) => Arc::new(
@@ -141,10 +144,79 @@ impl StoreUrl {
                     .await
                     .map_err(StoreUrlError::Postgres)?;
                 // Every gateway sweeps; an advisory lock lets one at a time do the work.
-                idem::spawn_sweeper(store.clone(), Duration::from_secs(5), 1000);
-                Arc::new(store)
+                let sweeper = idem::spawn_sweeper(store.clone(), Duration::from_secs(5), 1000);
+                Arc::new(Swept::new(Arc::new(store), sweeper))
             }
         })
+    }
+}
+
+/// A store with the sweeper task the gateway spawned for it. The sweeper never returns on
+/// its own, so a finished one has panicked: [`Store::fatal_error`] then says so, and the
+/// gateway stops rather than let expired records pile up. Dropping the store stops the
+/// sweeper.
+#[derive(Debug)]
+struct Swept {
+    store: Arc<dyn Store>,
+    sweeper: tokio::task::JoinHandle<()>,
+}
+
+impl Swept {
+    fn new(store: Arc<dyn Store>, sweeper: tokio::task::JoinHandle<()>) -> Self {
+        Self { store, sweeper }
+    }
+}
+
+impl Drop for Swept {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+    }
+}
+
+#[async_trait]
+impl Store for Swept {
+    async fn begin(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        token: Token,
+        stored: &Stored,
+        retain: Duration,
+    ) -> Result<std::time::SystemTime, StoreError> {
+        self.store.complete(key, token, stored, retain).await
+    }
+    async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
+        self.store.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &ScopedKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Lease, StoreError> {
+        self.store.renew(key, token, lease).await
+    }
+    async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
+        self.store.get(key).await
+    }
+    async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
+        self.store.delete(key).await
+    }
+    async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
+        self.store.sweep(limit).await
+    }
+    fn fatal_error(&self) -> Option<String> {
+        if self.sweeper.is_finished() {
+            return Some("the task sweeping expired records has stopped".to_owned());
+        }
+        self.store.fatal_error()
     }
 }
 
