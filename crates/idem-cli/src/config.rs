@@ -20,13 +20,22 @@
 //! methods = ["POST"]
 //! policy = { json_ignore = ["/sent_at"] }
 //! ```
+//!
+//! Routes match the path as the upstream will see it: percent-decoded by
+//! [`idem_http::path::normalize_path`], with methods compared case-insensitively. A path that
+//! `normalize_path` refuses (an encoded `/`, a dot segment, …) never reaches a route: see
+//! [`GatewayConfig::route`].
+//!
+//! The server's own limits are top-level keys, each with a safe default (see
+//! [`ServerLimits`]).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Method;
 use idem_http::IdempotencyPolicy;
+use idem_http::path::{PathError, normalize_path};
 use serde::Deserialize;
 
 use crate::proxy::Upstream;
@@ -48,6 +57,21 @@ pub struct FileConfig {
     /// How long shutdown waits for requests in flight.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
+    /// Open client connections at most; beyond it a new connection is answered `503`.
+    pub max_connections: Option<usize>,
+    /// Concurrent requests (streams) on one HTTP/2 connection at most.
+    pub http2_max_concurrent_streams: Option<u32>,
+    /// The largest request head (request line and headers), in bytes.
+    pub max_header_bytes: Option<usize>,
+    /// How long a request head may take to arrive, and how long a connection may stay
+    /// without a request.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    /// Bytes of keyed request bodies buffered at once, across every route.
+    pub max_buffered_bodies: Option<usize>,
+    /// How long a keyed request waits for room under `max_buffered_bodies`.
+    #[serde(with = "humantime_serde")]
+    pub buffer_wait: Option<Duration>,
     /// The policy for every route.
     pub policy: toml::Table,
     /// Per-route policies.
@@ -82,6 +106,11 @@ pub struct Overrides {
     pub require_key: bool,
     /// `--on-conflict`.
     pub on_conflict: Option<String>,
+    /// The `IDEM_SCOPE_SECRET` environment variable, as read by the caller (the library does
+    /// not read the environment itself).
+    pub scope_secret: Option<Vec<u8>>,
+    /// `--scope-secret-file`: a file holding the scope secret (a final newline is dropped).
+    pub scope_secret_file: Option<PathBuf>,
 }
 
 /// A configuration problem, naming where it is.
@@ -113,7 +142,7 @@ pub enum PathMatch {
 }
 
 impl PathMatch {
-    /// Whether `path` is covered.
+    /// Whether `path` (normalised: see [`normalize_path`]) is covered.
     ///
     /// ```
     /// use idem_cli::config::PathMatch;
@@ -155,16 +184,128 @@ impl PathMatch {
 pub struct Route {
     /// Paths covered.
     pub path: PathMatch,
-    /// Methods covered; empty means any.
+    /// Methods covered, upper case; empty means any.
     pub methods: Vec<Method>,
     /// Its policy.
     pub policy: IdempotencyPolicy,
 }
 
 impl Route {
-    /// Whether this route covers the request.
+    /// Whether this route covers a request with `method` (in any case) for `path` (already
+    /// normalised: see [`normalize_path`]).
+    ///
+    /// ```
+    /// use http::Method;
+    /// use idem_cli::config::{PathMatch, Route};
+    ///
+    /// let route = Route {
+    ///     path: PathMatch::Prefix("/pay".into()),
+    ///     methods: vec![Method::POST],
+    ///     policy: Default::default(),
+    /// };
+    /// let lower = Method::from_bytes(b"post").unwrap();
+    /// assert!(route.covers(&lower, "/pay") && route.covers(&Method::POST, "/pay/1"));
+    /// assert!(!route.covers(&Method::GET, "/pay"));
+    /// ```
     pub fn covers(&self, method: &Method, path: &str) -> bool {
-        (self.methods.is_empty() || self.methods.contains(method)) && self.path.matches(path)
+        self.admits(method) && self.path.matches(path)
+    }
+
+    /// Whether the route's method filter lets `method` (in any case) in.
+    pub fn admits(&self, method: &Method) -> bool {
+        self.methods.is_empty()
+            || self
+                .methods
+                .iter()
+                .any(|own| own.as_str().eq_ignore_ascii_case(method.as_str()))
+    }
+}
+
+/// Whether `policy` protects `method`, compared case-insensitively.
+pub fn protects(policy: &IdempotencyPolicy, method: &Method) -> bool {
+    policy
+        .methods
+        .iter()
+        .any(|own| own.eq_ignore_ascii_case(method.as_str()))
+}
+
+/// Where a request goes: the one routing decision, used by the gateway and by
+/// [`GatewayConfig::policy_for`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routing {
+    /// The route at this index of [`GatewayConfig::routes`] covers it.
+    Route(usize),
+    /// No route covers it: the default policy applies.
+    Default,
+    /// A protected method on a path that [`normalize_path`] refuses: answer `400`
+    /// `ambiguous-path`.
+    Ambiguous(PathError),
+}
+
+/// The server's limits: connections, request heads, buffered bodies. Every field has a safe
+/// default and is bounded in validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Open client connections at most (default 1024). A connection beyond it gets a minimal
+    /// `503` with `Retry-After: 1` and `Connection: close`, and is closed.
+    pub max_connections: usize,
+    /// Concurrent streams on one HTTP/2 connection (default 100).
+    pub http2_max_concurrent_streams: u32,
+    /// The largest request head in bytes (default 64 KiB): HTTP/1's read buffer and
+    /// HTTP/2's header list size.
+    pub max_header_bytes: usize,
+    /// How long a request head may take to arrive, and how long a connection may stay open
+    /// without a request in flight (default 10 s).
+    pub header_read_timeout: Duration,
+    /// Bytes of keyed request bodies buffered at once across every route (default 64 MiB):
+    /// one [`idem_http::BodyBudget`].
+    pub max_buffered_bodies: usize,
+    /// How long a keyed request waits for room in that budget before `503` (default 1 s).
+    pub buffer_wait: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            http2_max_concurrent_streams: 100,
+            max_header_bytes: 64 << 10,
+            header_read_timeout: Duration::from_secs(10),
+            max_buffered_bodies: idem_http::DEFAULT_BODY_BUDGET,
+            buffer_wait: idem_http::DEFAULT_BODY_BUDGET_WAIT,
+        }
+    }
+}
+
+/// The secret that keys scope digests: at least [`MIN_SCOPE_SECRET`] bytes. Its `Debug`
+/// never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScopeSecret {
+    bytes: Vec<u8>,
+    from: String,
+}
+
+/// The shortest scope secret accepted, in bytes.
+pub const MIN_SCOPE_SECRET: usize = 16;
+
+/// The environment variable the `idem` command reads the scope secret from.
+pub const SCOPE_SECRET_ENV: &str = "IDEM_SCOPE_SECRET";
+
+impl ScopeSecret {
+    /// The secret's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Where it came from (`IDEM_SCOPE_SECRET` or the file), for `--check` and logs.
+    pub fn source(&self) -> &str {
+        &self.from
+    }
+}
+
+impl std::fmt::Debug for ScopeSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ScopeSecret(*** from {})", self.from)
     }
 }
 
@@ -181,6 +322,10 @@ pub struct GatewayConfig {
     pub connect_timeout: Duration,
     /// How long shutdown waits for requests in flight (default 30 s).
     pub shutdown_timeout: Duration,
+    /// Connection, head and body limits.
+    pub limits: ServerLimits,
+    /// The key of scope digests; `None` leaves them unkeyed (a warning at startup).
+    pub scope_secret: Option<ScopeSecret>,
     /// The policy of requests no route covers.
     pub default_policy: IdempotencyPolicy,
     /// Routes, first match wins.
@@ -255,9 +400,11 @@ impl GatewayConfig {
         for (i, route) in file.route.into_iter().enumerate() {
             let at = format!("route[{i}]");
             let path = match (route.prefix, route.pattern) {
-                (Some(prefix), None) if prefix.starts_with('/') => PathMatch::Prefix(prefix),
+                (Some(prefix), None) if prefix.starts_with('/') => {
+                    PathMatch::Prefix(route_path(&prefix, &format!("{at}.prefix"))?)
+                }
                 (None, Some(pattern)) if pattern.starts_with('/') => PathMatch::Pattern(
-                    pattern
+                    route_path(&pattern, &format!("{at}.pattern"))?
                         .trim_start_matches('/')
                         .split('/')
                         .map(str::to_owned)
@@ -280,11 +427,7 @@ impl GatewayConfig {
                 .methods
                 .unwrap_or_default()
                 .iter()
-                .map(|m| {
-                    Method::from_bytes(m.as_bytes()).map_err(|_| {
-                        ConfigError::new(format!("{at}.methods"), format!("`{m}` is not a method"))
-                    })
-                })
+                .map(|m| route_method(m, &format!("{at}.methods")))
                 .collect::<Result<_, _>>()?;
             let mut merged = base.clone();
             merged.extend(route.policy);
@@ -295,32 +438,160 @@ impl GatewayConfig {
                 policy,
             });
         }
+        let defaults = ServerLimits::default();
+        let limits = ServerLimits {
+            max_connections: bounded(
+                "max_connections",
+                file.max_connections,
+                defaults.max_connections,
+                1..=MAX_CONNECTIONS,
+            )?,
+            http2_max_concurrent_streams: bounded(
+                "http2_max_concurrent_streams",
+                file.http2_max_concurrent_streams,
+                defaults.http2_max_concurrent_streams,
+                1..=MAX_STREAMS,
+            )?,
+            max_header_bytes: bounded(
+                "max_header_bytes",
+                file.max_header_bytes,
+                defaults.max_header_bytes,
+                MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
+            )?,
+            header_read_timeout: duration(
+                "header_read_timeout",
+                file.header_read_timeout,
+                defaults.header_read_timeout,
+                Duration::from_millis(100)..=Duration::from_secs(10 * 60),
+            )?,
+            max_buffered_bodies: bounded(
+                "max_buffered_bodies",
+                file.max_buffered_bodies,
+                defaults.max_buffered_bodies,
+                MIN_BUFFERED_BODIES..=MAX_BUFFERED_BODIES,
+            )?,
+            buffer_wait: duration(
+                "buffer_wait",
+                file.buffer_wait,
+                defaults.buffer_wait,
+                Duration::ZERO..=Duration::from_secs(60),
+            )?,
+        };
         Ok(Self {
             listen,
             upstream,
             store,
-            connect_timeout: file.connect_timeout.unwrap_or(Duration::from_secs(5)),
-            shutdown_timeout: file.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
+            connect_timeout: duration(
+                "connect_timeout",
+                file.connect_timeout,
+                Duration::from_secs(5),
+                Duration::from_millis(1)..=Duration::from_secs(5 * 60),
+            )?,
+            shutdown_timeout: duration(
+                "shutdown_timeout",
+                file.shutdown_timeout,
+                Duration::from_secs(30),
+                Duration::ZERO..=Duration::from_secs(60 * 60),
+            )?,
+            limits,
+            scope_secret: scope_secret(overrides)?,
             default_policy,
             routes,
         })
     }
 
-    /// The policy for a request.
-    pub fn policy_for(&self, method: &Method, path: &str) -> &IdempotencyPolicy {
-        self.routes
-            .iter()
-            .find(|route| route.covers(method, path))
-            .map_or(&self.default_policy, |route| &route.policy)
+    /// Where a request with `method` (in any case) for `raw_path` (as the client sent it)
+    /// goes. The path is normalised with [`normalize_path`] and matched against the routes,
+    /// first match wins.
+    ///
+    /// A path that `normalize_path` refuses could mean different routes to idem and to the
+    /// upstream, so which policy applies cannot be known. The safe rule: if **any** policy
+    /// that could apply to `method` protects it (the default policy, or the policy of any
+    /// route whose method filter admits `method`, whatever its path), the request is
+    /// [`Routing::Ambiguous`]; otherwise it goes to the default policy, which passes it
+    /// through untouched.
+    ///
+    /// ```
+    /// use http::Method;
+    /// use idem_cli::config::{FileConfig, GatewayConfig, Overrides, Routing};
+    ///
+    /// let overrides = Overrides {
+    ///     upstream: Some("http://127.0.0.1:3000".into()),
+    ///     ..Overrides::default()
+    /// };
+    /// let file: FileConfig = toml::from_str(r#"
+    ///     [[route]]
+    ///     prefix = "/pay"
+    ///     methods = ["post"]
+    ///     policy = { key_required = true }
+    /// "#).unwrap();
+    /// let config = GatewayConfig::resolve(file, &overrides).unwrap();
+    /// let post = Method::from_bytes(b"post").unwrap();
+    /// assert_eq!(config.route(&post, "/pay/1"), Routing::Route(0));
+    /// assert_eq!(config.route(&Method::POST, "/other"), Routing::Default);
+    /// assert!(config.policy_for(&Method::POST, "/pay").unwrap().key_required);
+    /// ```
+    pub fn route(&self, method: &Method, raw_path: &str) -> Routing {
+        match normalize_path(raw_path) {
+            Ok(path) => self
+                .routes
+                .iter()
+                .position(|route| route.covers(method, &path))
+                .map_or(Routing::Default, Routing::Route),
+            Err(error) if self.protects_somewhere(method) => Routing::Ambiguous(error),
+            Err(_) => Routing::Default,
+        }
+    }
+
+    /// Whether any policy that could apply to `method` protects it (see
+    /// [`route`](Self::route)).
+    pub fn protects_somewhere(&self, method: &Method) -> bool {
+        protects(&self.default_policy, method)
+            || self
+                .routes
+                .iter()
+                .any(|route| route.admits(method) && protects(&route.policy, method))
+    }
+
+    /// The policy for a request (see [`route`](Self::route)); the path's error when it is
+    /// ambiguous on a protected method.
+    pub fn policy_for(
+        &self,
+        method: &Method,
+        raw_path: &str,
+    ) -> Result<&IdempotencyPolicy, PathError> {
+        match self.route(method, raw_path) {
+            Routing::Route(index) => Ok(&self.routes[index].policy),
+            Routing::Default => Ok(&self.default_policy),
+            Routing::Ambiguous(error) => Err(error),
+        }
     }
 
     /// What `--check` prints: what the gateway would do.
     pub fn describe(&self) -> String {
+        let limits = &self.limits;
+        let secret = match &self.scope_secret {
+            Some(secret) => format!("keyed with the secret from {}", secret.source()),
+            None => format!("UNKEYED (set {SCOPE_SECRET_ENV} or --scope-secret-file)"),
+        };
         let mut out = format!(
-            "listen     {}\nupstream   {}\nstore      {}\n\ndefault policy\n{}",
+            "listen     {}\nupstream   {} (connect timeout {:?})\nstore      {}\n\
+             shutdown   waits up to {:?}\n\
+             clients    max_connections {}; http2_max_concurrent_streams {}\n\
+             heads      max_header_bytes {}; header_read_timeout {:?}\n\
+             bodies     max_buffered_bodies {} bytes; buffer_wait {:?}\n\
+             scopes     {secret}\n\ndefault policy\n{}",
             self.listen,
             self.upstream,
+            self.connect_timeout,
             self.store,
+            self.shutdown_timeout,
+            limits.max_connections,
+            limits.http2_max_concurrent_streams,
+            limits.max_header_bytes,
+            limits.header_read_timeout,
+            limits.max_buffered_bodies,
+            limits.buffer_wait,
             describe_policy(&self.default_policy)
         );
         for (i, route) in self.routes.iter().enumerate() {
@@ -345,6 +616,136 @@ impl GatewayConfig {
         }
         out
     }
+}
+
+/// Bounds of the server limits.
+const MAX_CONNECTIONS: usize = 1 << 20;
+const MAX_STREAMS: u32 = 10_000;
+/// hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+const MIN_HEADER_BYTES: usize = 8 << 10;
+const MAX_HEADER_BYTES: usize = 1 << 20;
+const MIN_BUFFERED_BODIES: usize = 64 << 10;
+const MAX_BUFFERED_BODIES: usize = 1 << 40;
+
+/// `value` (or `default`) if within `range`, else an error naming `field`.
+fn bounded<T>(
+    field: &str,
+    value: Option<T>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    let value = value.unwrap_or(default);
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!(
+                "{value} is out of range; use {} to {}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
+}
+
+/// A duration setting, bounded so that adding it to an instant can never overflow.
+fn duration(
+    field: &str,
+    value: Option<Duration>,
+    default: Duration,
+    range: std::ops::RangeInclusive<Duration>,
+) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!(
+                "{} is out of range; use {} to {}",
+                humantime_serde::re::humantime::format_duration(value),
+                humantime_serde::re::humantime::format_duration(*range.start()),
+                humantime_serde::re::humantime::format_duration(*range.end())
+            ),
+        ))
+    }
+}
+
+/// A route's method: upper-cased, so `post` and `POST` are one method (frameworks upper-case
+/// it too); anything that is not an HTTP method token is refused.
+fn route_method(text: &str, at: &str) -> Result<Method, ConfigError> {
+    let upper = text.to_ascii_uppercase();
+    if upper.is_empty() || !upper.bytes().all(is_token_byte) {
+        return Err(ConfigError::new(at, format!("`{text}` is not a method")));
+    }
+    Method::from_bytes(upper.as_bytes())
+        .map_err(|_| ConfigError::new(at, format!("`{text}` is not a method")))
+}
+
+/// RFC 9110 `tchar`.
+fn is_token_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// A route's path, normalised as request paths are so that both compare alike; one that
+/// `normalize_path` refuses could never match and is an error.
+fn route_path(text: &str, at: &str) -> Result<String, ConfigError> {
+    let trimmed = match text.trim_end_matches('/') {
+        "" => "/",
+        trimmed => trimmed,
+    };
+    normalize_path(trimmed)
+        .map(|path| path.into_owned())
+        .map_err(|e| ConfigError::new(at, format!("`{text}`: {}", e.reason())))
+}
+
+/// The scope secret from `IDEM_SCOPE_SECRET` or `--scope-secret-file` (not both).
+fn scope_secret(overrides: &Overrides) -> Result<Option<ScopeSecret>, ConfigError> {
+    let (bytes, from) = match (&overrides.scope_secret, &overrides.scope_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--scope-secret-file",
+                format!("{SCOPE_SECRET_ENV} is set too; give the secret one way only"),
+            ));
+        }
+        (None, None) => return Ok(None),
+        (Some(bytes), None) => (bytes.clone(), SCOPE_SECRET_ENV.to_owned()),
+        (None, Some(path)) => {
+            let mut bytes = std::fs::read(path).map_err(|e| {
+                ConfigError::new(
+                    "--scope-secret-file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            // Editors and `echo` end a file with a newline; it is not part of the secret.
+            if bytes.ends_with(b"\n") {
+                bytes.pop();
+                if bytes.ends_with(b"\r") {
+                    bytes.pop();
+                }
+            }
+            (bytes, path.display().to_string())
+        }
+    };
+    if bytes.len() < MIN_SCOPE_SECRET {
+        let field = if overrides.scope_secret.is_some() {
+            SCOPE_SECRET_ENV
+        } else {
+            "--scope-secret-file"
+        };
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "the scope secret is {} bytes; use at least {MIN_SCOPE_SECRET} random bytes",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(Some(ScopeSecret { bytes, from }))
 }
 
 fn policy_from(table: toml::Table, at: &str) -> Result<IdempotencyPolicy, ConfigError> {

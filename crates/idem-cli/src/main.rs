@@ -58,6 +58,10 @@ struct ServeArgs {
     /// Validate the configuration, print what the gateway would do, and exit
     #[arg(long)]
     check: bool,
+    /// File holding the secret that keys scope digests (at least 16 bytes; a final newline
+    /// is dropped). Instead of the IDEM_SCOPE_SECRET environment variable.
+    #[arg(long, value_name = "PATH")]
+    scope_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -121,6 +125,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
             .to_owned()
         }),
+        scope_secret: std::env::var_os(idem_cli::config::SCOPE_SECRET_ENV).map(os_bytes),
+        scope_secret_file: args.scope_secret_file,
     };
     let config = match GatewayConfig::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,
@@ -149,10 +155,24 @@ fn serve(args: ServeArgs) -> ExitCode {
         idem_cli::gateway::shutdown_signal(),
     )) {
         Ok(()) => ExitCode::SUCCESS,
+        // Includes a store that stopped serving while the gateway ran: exit non-zero so that
+        // a supervisor restarts it, rather than limp on answering 503.
         Err(error) => {
             eprintln!("error: {}", chain(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An environment value's bytes, as they are (a secret need not be UTF-8).
+fn os_bytes(value: std::ffi::OsString) -> Vec<u8> {
+    #[cfg(unix)]
+    {
+        std::os::unix::ffi::OsStringExt::into_vec(value)
+    }
+    #[cfg(not(unix))]
+    {
+        value.to_string_lossy().into_owned().into_bytes()
     }
 }
 
