@@ -29,4 +29,4 @@ pub use client::{HttpClient, client, keyed, raw_exchange, send};
 pub use fault::{Fault, FaultProxy};
 pub use services::{PostgresSchema, RedisPrefix, database_url, host_port, psql, redis_url, unique};
 pub use upstream::{Seen, Upstream, handle};
-pub use wait::{PATIENCE, eventually, wait_until};
+pub use wait::{PATIENCE, eventually, eventually_within, wait_until};

@@ -23,12 +23,22 @@ pub const PATIENCE: Duration = Duration::from_secs(5);
 /// assert_eq!(n, 3);
 /// # }
 /// ```
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + PATIENCE;
+    eventually_within(what, PATIENCE, f).await
+}
+
+/// [`eventually`], for at most `patience`: for what heals on a backoff of its own, such as
+/// a client reconnecting to a store that came back.
+pub async fn eventually_within<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
     loop {
         if let Some(value) = f().await {
             return value;
