@@ -1,322 +1,38 @@
 //! The broker-independent part: claim a message id, run the handler once, keep its outcome.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use idem::{
-    Begin, BoxError, Fingerprint, HoldOptions, Holder, Key, KeyError, Lease, Record, RecordState,
-    Scope, ScopedKey, Store, StoreError, Stored, TimeoutStore,
+    Begin, Fingerprint, Holder, Key, KeyError, Lease, Record, Scope, ScopedKey, Store, StoreError,
+    Stored, TimeoutStore,
 };
 
-/// The `status` values this crate writes into a [`Stored`] outcome.
-///
-/// A message's record holds [`OK`](status::OK) and the handler's output as its body, or one
-/// of the failure codes (the same codes as [`DeadLetterReason::code`]) and the error text in
-/// an `error` header.
-pub mod status {
-    /// The handler succeeded; the body is its output.
-    pub const OK: u16 = 0;
-    /// The handler failed with an error it marked permanent.
-    pub const FAILED: u16 = 1;
-    /// The handler failed on the last allowed delivery.
-    pub const GAVE_UP: u16 = 2;
-    /// Only in dead-letter records: the id came back with another fingerprint.
-    pub const MISMATCH: u16 = 3;
-}
-
-/// Lease, renewal, store deadlines and retention for a [`Deduplicator`].
-///
-/// The defaults suit handlers that take up to a few seconds and brokers that redeliver
-/// within days:
-///
-/// | field | default | meaning |
-/// |---|---|---|
-/// | `lease` | 30 s | how long a claim holds without renewal; after it, another consumer may take the message over (10 ms to 1 day) |
-/// | `renew_every` | `lease / 3` | how often a held message's lease is renewed, on a task of its own |
-/// | `retention` | 7 days | how long a completed message is remembered (at least `lease`, at most 100 years) |
-/// | `dead_letter_retention` | 30 days | how long a dead-letter record is kept (at most 100 years) |
-/// | `store_timeout` | 5 s | the deadline of every store call; a call that takes longer fails with [`StoreError::Timeout`] (at most 10 minutes) |
-/// | `complete_for` | 30 s | how long storing a handler's outcome is retried, with backoff and the lease still renewed, when the store fails (at most 1 day) |
-///
-/// If an outcome still cannot be stored after `complete_for`, the claim is **not**
-/// released: it stays held until its lease ends, so a redelivery meanwhile is answered
-/// [`Outcome::InFlight`] instead of running the handler again (see
-/// [`Outcome::Unrecorded`]).
-///
-/// **The retention window must cover the longest redelivery or replay horizon**: a
-/// duplicate that arrives after `retention` is indistinguishable from a new message and runs
-/// again. Set it at least to the broker's longest redelivery delay plus the age of the
-/// oldest message that can still be redelivered or replayed: the stream's `max_age` on
-/// JetStream if consumers may be reset or recreated, the queue's message TTL or the longest
-/// a message may sit unacked on RabbitMQ, and the producer's own retry horizon for
-/// re-published messages.
-///
-/// ```
-/// use std::time::Duration;
-/// use idem_queue::DedupOptions;
-///
-/// let options = DedupOptions {
-///     lease: Duration::from_secs(60),
-///     retention: Duration::from_secs(3 * 24 * 3600),
-///     store_timeout: Duration::from_secs(2),
-///     ..DedupOptions::default()
-/// };
-/// options.validate().unwrap();
-/// assert_eq!(options.renew_interval(), Duration::from_secs(20));
-/// assert_eq!(options.complete_for, Duration::from_secs(30));
-/// ```
-#[derive(Debug, Clone)]
-pub struct DedupOptions {
-    /// How long a claim holds without renewal.
-    pub lease: Duration,
-    /// How often a held message's lease is renewed; `None` means `lease / 3`.
-    pub renew_every: Option<Duration>,
-    /// How long a completed message is remembered (and its duplicates suppressed).
-    pub retention: Duration,
-    /// Where dead-letter records live; `None` means the scope's name plus `.dead-letter`.
-    pub dead_letter_scope: Option<Scope>,
-    /// How long a dead-letter record is kept.
-    pub dead_letter_retention: Duration,
-    /// The client-side deadline of every call to the store.
-    pub store_timeout: Duration,
-    /// How long storing an outcome is retried after the handler ran, before the claim is
-    /// left held until its lease ends.
-    pub complete_for: Duration,
-}
-
-impl Default for DedupOptions {
-    fn default() -> Self {
-        Self {
-            lease: Duration::from_secs(30),
-            renew_every: None,
-            retention: Duration::from_secs(7 * DAY_SECS),
-            dead_letter_scope: None,
-            dead_letter_retention: Duration::from_secs(30 * DAY_SECS),
-            store_timeout: Duration::from_secs(5),
-            complete_for: Duration::from_secs(30),
-        }
-    }
-}
-
-const DAY_SECS: u64 = 24 * 3600;
-/// Bounds that keep every duration far from overflowing the stores' time arithmetic.
-const MAX_LEASE: Duration = Duration::from_secs(DAY_SECS);
-const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * DAY_SECS);
-const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(600);
-const MAX_COMPLETE_FOR: Duration = Duration::from_secs(DAY_SECS);
-
-/// A [`DedupOptions`] field with a value that cannot work.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid option `{field}`: {reason}")]
-pub struct ConfigError {
-    /// The field's name.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-impl DedupOptions {
-    /// The effective renewal interval.
-    pub fn renew_interval(&self) -> Duration {
-        self.renew_every.unwrap_or(self.lease / 3)
-    }
-
-    /// The lease lifecycle these options ask for, as the core crate's [`Holder`] takes it.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use idem_queue::DedupOptions;
-    ///
-    /// let hold = DedupOptions::default().hold_options();
-    /// assert_eq!(hold.renew_every, Duration::from_secs(10));
-    /// assert_eq!(hold.complete_for, Duration::from_secs(30));
-    /// ```
-    pub fn hold_options(&self) -> HoldOptions {
-        HoldOptions {
-            lease: self.lease,
-            renew_every: self.renew_interval(),
-            complete_for: self.complete_for,
-        }
-    }
-
-    /// Checks that the options can work together; the error names the bad field.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, reason: &str| {
-            Err(ConfigError {
-                field,
-                reason: reason.to_owned(),
-            })
-        };
-        if self.lease < Duration::from_millis(10) || self.lease > MAX_LEASE {
-            return bad("lease", "must be between 10 ms and 1 day");
-        }
-        let renew = self.renew_interval();
-        if renew.is_zero() || renew >= self.lease {
-            return bad("renew_every", "must be above zero and below `lease`");
-        }
-        if self.retention < self.lease {
-            return bad(
-                "retention",
-                "must be at least `lease` (and should cover the broker's redelivery horizon)",
-            );
-        }
-        if self.retention > MAX_RETENTION {
-            return bad("retention", "must be at most 100 years");
-        }
-        if self.dead_letter_retention.is_zero() || self.dead_letter_retention > MAX_RETENTION {
-            return bad(
-                "dead_letter_retention",
-                "must be above zero and at most 100 years",
-            );
-        }
-        if self.store_timeout.is_zero() || self.store_timeout > MAX_STORE_TIMEOUT {
-            return bad("store_timeout", "must be above zero and at most 10 minutes");
-        }
-        if self.complete_for.is_zero() || self.complete_for > MAX_COMPLETE_FOR {
-            return bad("complete_for", "must be above zero and at most 1 day");
-        }
-        Ok(())
-    }
-}
-
-/// A handler's failure, and whether retrying could help.
-///
-/// Any error converts into a *transient* one with `?`: the claim is released and the broker
-/// redelivers. Mark an error [permanent](HandlerError::permanent) when retrying cannot help
-/// (a malformed message, a rejected business rule): the message is then completed with a
-/// failure outcome, dead-lettered and never run again.
-///
-/// ```
-/// use idem_queue::{HandlerError, ResultExt};
-///
-/// fn parse(payload: &[u8]) -> Result<u64, HandlerError> {
-///     let text = std::str::from_utf8(payload).permanent()?;
-///     Ok(text.parse::<u64>().permanent()?)
-/// }
-/// assert!(parse(b"x").unwrap_err().is_permanent());
-/// assert!(!HandlerError::transient("database busy").is_permanent());
-/// ```
-pub struct HandlerError {
-    source: BoxError,
-    permanent: bool,
-}
-
-impl HandlerError {
-    /// A failure that may go away: the message is retried.
-    pub fn transient(source: impl Into<BoxError>) -> Self {
-        Self {
-            source: source.into(),
-            permanent: false,
-        }
-    }
-
-    /// A failure that retrying cannot fix: the message is dead-lettered.
-    pub fn permanent(source: impl Into<BoxError>) -> Self {
-        Self {
-            source: source.into(),
-            permanent: true,
-        }
-    }
-
-    /// Whether the handler marked this failure permanent.
-    pub fn is_permanent(&self) -> bool {
-        self.permanent
-    }
-
-    /// The underlying error.
-    pub fn error(&self) -> &(dyn StdError + Send + Sync + 'static) {
-        &*self.source
-    }
-
-    /// The underlying error, owned.
-    pub fn into_source(self) -> BoxError {
-        self.source
-    }
-}
-
-impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
-    fn from(error: E) -> Self {
-        Self::transient(error)
-    }
-}
-
-impl fmt::Debug for HandlerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HandlerError")
-            .field("permanent", &self.permanent)
-            .field("source", &self.source)
-            .finish()
-    }
-}
-
-impl fmt::Display for HandlerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = if self.permanent {
-            "permanent"
-        } else {
-            "transient"
-        };
-        write!(f, "{kind} handler error: {}", self.source)
-    }
-}
-
-/// Marks a `Result`'s error as a permanent or transient [`HandlerError`].
-pub trait ResultExt<T> {
-    /// The error, if any, becomes a permanent [`HandlerError`].
-    fn permanent(self) -> Result<T, HandlerError>;
-    /// The error, if any, becomes a transient [`HandlerError`].
-    fn transient(self) -> Result<T, HandlerError>;
-}
-
-impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
-    fn permanent(self) -> Result<T, HandlerError> {
-        self.map_err(HandlerError::permanent)
-    }
-    fn transient(self) -> Result<T, HandlerError> {
-        self.map_err(HandlerError::transient)
-    }
-}
-
-/// Why the deduplicator could not decide or record a message's fate.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum DedupError {
-    /// The message id is empty.
-    #[error("message id is not usable as a key")]
-    InvalidId(#[source] KeyError),
-    /// The store failed or missed its deadline ([`DedupOptions::store_timeout`]) before
-    /// anything ran; the message may be retried.
-    #[error("the idempotency store failed; the handler did not run")]
-    Store(#[source] StoreError),
-    /// [`Held::complete`] could not store the outcome, even retried for
-    /// [`DedupOptions::complete_for`]. The claim was not released: it stays held until its
-    /// lease ends, so redeliveries meanwhile are [in flight](Outcome::InFlight).
-    #[error("the outcome could not be stored; the message stays claimed until its lease ends")]
-    Unrecorded(#[source] StoreError),
-}
+use crate::{
+    DeadLetterReason, DedupError, DedupOptions, HandlerError, OptionsError, Outcome, Replay, status,
+};
 
 /// How many times the broker has delivered this message, and how many it may.
 ///
 /// ```
-/// use idem_queue::Attempt;
+/// use idem_queue::DeliveryAttempt;
 ///
-/// assert!(!Attempt::new(2, Some(3)).is_final());
-/// assert!(Attempt::new(3, Some(3)).is_final());
-/// assert!(!Attempt::first().is_final());
+/// assert!(!DeliveryAttempt::new(2, Some(3)).is_final());
+/// assert!(DeliveryAttempt::new(3, Some(3)).is_final());
+/// assert!(!DeliveryAttempt::first().is_final());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attempt {
+pub struct DeliveryAttempt {
     /// This delivery's number, from 1.
     pub delivered: u64,
     /// After this many deliveries a transient failure is final; `None` means never.
     pub max_deliveries: Option<u64>,
 }
 
-impl Attempt {
+impl DeliveryAttempt {
     /// Delivery `delivered` of at most `max_deliveries`.
     pub fn new(delivered: u64, max_deliveries: Option<u64>) -> Self {
         Self {
@@ -336,228 +52,10 @@ impl Attempt {
     }
 }
 
-impl Default for Attempt {
+impl Default for DeliveryAttempt {
     fn default() -> Self {
         Self::first()
     }
-}
-
-/// Why a message was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeadLetterReason {
-    /// The handler failed with a permanent error.
-    Permanent,
-    /// The handler failed on the last allowed delivery.
-    MaxDeliveries,
-    /// The id was seen before with another fingerprint (another payload).
-    Mismatch,
-}
-
-impl DeadLetterReason {
-    /// The code kept as the record's `status` (see [`status`]).
-    pub fn code(self) -> u16 {
-        match self {
-            Self::Permanent => status::FAILED,
-            Self::MaxDeliveries => status::GAVE_UP,
-            Self::Mismatch => status::MISMATCH,
-        }
-    }
-
-    /// The reason for a status code, if it names one.
-    pub fn from_code(code: u16) -> Option<Self> {
-        match code {
-            status::FAILED => Some(Self::Permanent),
-            status::GAVE_UP => Some(Self::MaxDeliveries),
-            status::MISMATCH => Some(Self::Mismatch),
-            _ => None,
-        }
-    }
-
-    /// A short name: `permanent`, `max-deliveries` or `mismatch`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Permanent => "permanent",
-            Self::MaxDeliveries => "max-deliveries",
-            Self::Mismatch => "mismatch",
-        }
-    }
-}
-
-impl fmt::Display for DeadLetterReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A message given up on, kept in the store under the dead-letter scope so it can be
-/// inspected and replayed by hand.
-///
-/// ```
-/// use bytes::Bytes;
-/// use idem_queue::{DeadLetter, DeadLetterReason};
-///
-/// let letter = DeadLetter {
-///     id: "order-7".into(),
-///     reason: DeadLetterReason::MaxDeliveries,
-///     deliveries: 5,
-///     error: Some("inventory service unreachable".into()),
-///     origin: "nats stream=ORDERS seq=42 subject=orders.created".into(),
-///     payload: Bytes::from_static(b"{\"order\":7}"),
-/// };
-/// assert_eq!(DeadLetter::from_stored(&letter.to_stored()), Some(letter));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// The message id.
-    pub id: String,
-    /// Why it was given up on.
-    pub reason: DeadLetterReason,
-    /// The delivery on which it was given up.
-    pub deliveries: u64,
-    /// The handler's last error, as text.
-    pub error: Option<String>,
-    /// Where it came from (broker, stream or queue, position).
-    pub origin: String,
-    /// The message body.
-    pub payload: Bytes,
-}
-
-impl DeadLetter {
-    /// The record's stored form: `status` is the reason's code, the fields are headers and
-    /// the payload is the body.
-    pub fn to_stored(&self) -> Stored {
-        let mut stored = Stored::new(self.reason.code())
-            .with_header("id", self.id.clone())
-            .with_header("reason", self.reason.as_str())
-            .with_header("deliveries", self.deliveries.to_string())
-            .with_header("origin", self.origin.clone())
-            .with_body(self.payload.clone());
-        if let Some(error) = &self.error {
-            stored = stored.with_header("error", error.clone());
-        }
-        stored
-    }
-
-    /// Reads a record written by [`DeadLetter::to_stored`].
-    pub fn from_stored(stored: &Stored) -> Option<Self> {
-        let header = |name: &str| {
-            stored
-                .headers
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
-        };
-        Some(Self {
-            id: header("id")?,
-            reason: DeadLetterReason::from_code(stored.status)?,
-            deliveries: header("deliveries")?.parse().ok()?,
-            error: header("error"),
-            origin: header("origin").unwrap_or_default(),
-            payload: stored.body.clone().unwrap_or_default(),
-        })
-    }
-}
-
-/// A completed message's kept outcome, returned for its duplicates.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replay {
-    stored: Arc<Stored>,
-    expires_at: SystemTime,
-}
-
-impl Replay {
-    /// Whether the first run succeeded.
-    pub fn succeeded(&self) -> bool {
-        self.stored.status == status::OK
-    }
-
-    /// The stored status ([`status`]).
-    pub fn status(&self) -> u16 {
-        self.stored.status
-    }
-
-    /// The first run's output (or, after a failure, nothing).
-    pub fn output(&self) -> Option<&Bytes> {
-        self.stored.body.as_ref()
-    }
-
-    /// Why the first run failed, if it did.
-    pub fn failure(&self) -> Option<DeadLetterReason> {
-        DeadLetterReason::from_code(self.stored.status)
-    }
-
-    /// The first run's error text, if it failed.
-    pub fn error(&self) -> Option<String> {
-        self.stored
-            .headers
-            .iter()
-            .find(|(name, _)| name == "error")
-            .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
-    }
-
-    /// The whole stored outcome.
-    pub fn stored(&self) -> &Stored {
-        &self.stored
-    }
-
-    /// When the message will be forgotten.
-    pub fn expires_at(&self) -> SystemTime {
-        self.expires_at
-    }
-}
-
-/// What happened to one delivery.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Outcome {
-    /// The handler ran now and succeeded; its output is stored. Acknowledge.
-    Processed {
-        /// The handler's output.
-        output: Bytes,
-    },
-    /// A duplicate of a completed message: the handler did not run. Acknowledge (or, if the
-    /// first run failed, treat as dead-lettered).
-    Duplicate(Replay),
-    /// Another consumer holds the message right now. Redeliver after `retry_after`.
-    InFlight {
-        /// Time left on the holder's lease.
-        retry_after: Duration,
-    },
-    /// The id was completed or claimed with another fingerprint: the handler did not run.
-    Mismatch,
-    /// The handler failed transiently; the claim was released, so a redelivery runs it again.
-    Released {
-        /// The handler's error.
-        error: HandlerError,
-    },
-    /// The handler failed permanently, or transiently on the last allowed delivery; the
-    /// failure is stored, so the message is never run again. Dead-letter it.
-    Failed {
-        /// The handler's error.
-        error: HandlerError,
-        /// Permanent error or out of deliveries.
-        reason: DeadLetterReason,
-    },
-    /// The claim was lost while the handler ran (its lease ended and another consumer took
-    /// the message over), so its outcome was not stored. The handler's result is returned.
-    LeaseLost {
-        /// What the handler returned.
-        result: Result<Bytes, HandlerError>,
-    },
-    /// The handler ran (succeeded, or failed for good), but its outcome could not be stored,
-    /// even retried for [`DedupOptions::complete_for`] with the lease renewed meanwhile.
-    ///
-    /// The claim is **not released**: it stays held until its lease ends, so a redelivery
-    /// until then is answered [`Outcome::InFlight`] and does not run the handler again. A
-    /// redelivery after the lease ended finds no record and runs it again, so the adapters
-    /// settle this like the outcome it could not store (a success is acknowledged) rather
-    /// than ask for a redelivery. Logged at error level.
-    Unrecorded {
-        /// What the handler returned.
-        result: Result<Bytes, HandlerError>,
-        /// The store's last error.
-        error: StoreError,
-    },
 }
 
 /// What [`Deduplicator::claim`] found.
@@ -576,13 +74,13 @@ pub enum Claim<S: Store> {
     Mismatch,
 }
 
-struct Inner<S> {
+pub(crate) struct Inner<S> {
     /// The caller's store behind a deadline on every call; shared with the renewal tasks.
-    store: Arc<TimeoutStore<S>>,
-    scope: Scope,
-    dead_letter_scope: Scope,
-    options: DedupOptions,
-    fingerprint: Fingerprint,
+    pub(crate) store: Arc<TimeoutStore<S>>,
+    pub(crate) scope: Scope,
+    pub(crate) dead_letter_scope: Scope,
+    pub(crate) options: DedupOptions,
+    pub(crate) fingerprint: Fingerprint,
 }
 
 /// Runs each message's handler once, over any [`Store`].
@@ -642,7 +140,7 @@ struct Inner<S> {
 /// # Ok(()) }
 /// ```
 pub struct Deduplicator<S> {
-    inner: Arc<Inner<S>>,
+    pub(crate) inner: Arc<Inner<S>>,
 }
 
 impl<S> Clone for Deduplicator<S> {
@@ -687,13 +185,13 @@ impl<S: Store> Deduplicator<S> {
     /// let options = DedupOptions { lease: Duration::from_secs(5), ..DedupOptions::default() };
     /// let dedup = Deduplicator::with_options(MemoryStore::new(), Scope::new("orders"), options)?;
     /// assert_eq!(dedup.dead_letter_scope().as_str(), "orders.dead-letter");
-    /// # Ok::<(), idem_queue::ConfigError>(())
+    /// # Ok::<(), idem_queue::OptionsError>(())
     /// ```
     pub fn with_options(
         store: S,
         scope: Scope,
         options: DedupOptions,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, OptionsError> {
         options.validate()?;
         Ok(Self::build(store, scope, options))
     }
@@ -735,7 +233,7 @@ impl<S: Store> Deduplicator<S> {
     }
 
     /// The record key for a message id in `scope`.
-    fn key_in(scope: &Scope, id: &str) -> Result<ScopedKey, DedupError> {
+    pub(crate) fn key_in(scope: &Scope, id: &str) -> Result<ScopedKey, DedupError> {
         let key = match Key::new(id) {
             Ok(key) => key,
             Err(KeyError::Empty) => return Err(DedupError::InvalidId(KeyError::Empty)),
@@ -810,7 +308,8 @@ impl<S: Store> Deduplicator<S> {
         Fut: Future<Output = Result<T, HandlerError>>,
         T: Into<Bytes>,
     {
-        self.process_with(id, None, Attempt::first(), handler).await
+        self.process_with(id, None, DeliveryAttempt::first(), handler)
+            .await
     }
 
     /// Runs `handler` for message `id` unless it already ran or another consumer holds it.
@@ -821,17 +320,17 @@ impl<S: Store> Deduplicator<S> {
     ///
     /// ```
     /// use idem::{MemoryStore, Scope};
-    /// use idem_queue::{Attempt, DeadLetterReason, Deduplicator, HandlerError, Outcome};
+    /// use idem_queue::{DeliveryAttempt, DeadLetterReason, Deduplicator, HandlerError, Outcome};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let dedup = Deduplicator::new(MemoryStore::new(), Scope::new("s"));
     /// let fail = || async { Err::<&str, _>(HandlerError::transient("downstream busy")) };
     ///
     /// // A transient failure before the last delivery releases the claim...
-    /// let outcome = dedup.process_with("m", None, Attempt::new(1, Some(2)), fail).await?;
+    /// let outcome = dedup.process_with("m", None, DeliveryAttempt::new(1, Some(2)), fail).await?;
     /// assert!(matches!(outcome, Outcome::Released { .. }));
     /// // ...and on the last one it is stored as given up, never to run again.
-    /// let outcome = dedup.process_with("m", None, Attempt::new(2, Some(2)), fail).await?;
+    /// let outcome = dedup.process_with("m", None, DeliveryAttempt::new(2, Some(2)), fail).await?;
     /// assert!(matches!(outcome, Outcome::Failed { reason: DeadLetterReason::MaxDeliveries, .. }));
     /// # Ok(()) }
     /// ```
@@ -839,7 +338,7 @@ impl<S: Store> Deduplicator<S> {
         &self,
         id: &str,
         fingerprint: Option<&Fingerprint>,
-        attempt: Attempt,
+        attempt: DeliveryAttempt,
         handler: F,
     ) -> Result<Outcome, DedupError>
     where
@@ -859,63 +358,6 @@ impl<S: Store> Deduplicator<S> {
     pub async fn record(&self, id: &str) -> Result<Option<Record>, DedupError> {
         let key = self.key(id)?;
         self.inner.store.get(&key).await.map_err(DedupError::Store)
-    }
-
-    /// Forgets message `id`, so its next delivery runs the handler again (to replay a
-    /// dead-lettered message after fixing its cause). Says whether a record was there.
-    pub async fn forget(&self, id: &str) -> Result<bool, DedupError> {
-        let key = self.key(id)?;
-        self.inner
-            .store
-            .delete(&key)
-            .await
-            .map_err(DedupError::Store)
-    }
-
-    /// Writes a dead-letter record for `letter.id` under the dead-letter scope, unless one
-    /// is already there. Says whether it wrote one.
-    pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<bool, DedupError> {
-        let key = Self::key_in(&self.inner.dead_letter_scope, &letter.id)?;
-        let store = &self.inner.store;
-        let lease = self.inner.options.lease;
-        match store
-            .begin(&key, &self.inner.fingerprint, lease)
-            .await
-            .map_err(DedupError::Store)?
-        {
-            Begin::Acquired(claim) => {
-                store
-                    .complete(
-                        &key,
-                        claim.token,
-                        &letter.to_stored(),
-                        self.inner.options.dead_letter_retention,
-                    )
-                    .await
-                    .map_err(DedupError::Store)?;
-                Ok(true)
-            }
-            Begin::InFlight { .. } => Err(DedupError::Store(StoreError::backend(
-                "write a dead-letter record",
-                "another consumer is writing this dead-letter record",
-            ))),
-            _ => Ok(false),
-        }
-    }
-
-    /// The dead-letter record for message `id`, if there is one.
-    pub async fn dead_letter_record(&self, id: &str) -> Result<Option<DeadLetter>, DedupError> {
-        let key = Self::key_in(&self.inner.dead_letter_scope, id)?;
-        let record = self
-            .inner
-            .store
-            .get(&key)
-            .await
-            .map_err(DedupError::Store)?;
-        Ok(record.and_then(|record| match record.state {
-            RecordState::Completed { stored, .. } => DeadLetter::from_stored(&stored),
-            _ => None,
-        }))
     }
 }
 
@@ -951,7 +393,11 @@ impl<S: Store> Held<S> {
 
     /// Runs `handler` while the lease is renewed beside it, and stores or releases according
     /// to its result (see [`Deduplicator`]).
-    pub async fn run<F, Fut, T>(self, attempt: Attempt, handler: F) -> Result<Outcome, DedupError>
+    pub async fn run<F, Fut, T>(
+        self,
+        attempt: DeliveryAttempt,
+        handler: F,
+    ) -> Result<Outcome, DedupError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, HandlerError>>,

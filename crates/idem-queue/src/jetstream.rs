@@ -76,8 +76,8 @@ use async_nats::jetstream::{Context, Message};
 use bytes::Bytes;
 use idem::{Fingerprint, Store};
 
-use crate::dedup::{Claim, DeadLetter, Deduplicator, HandlerError, Outcome};
 use crate::settle::{Handled, RetryPolicy, Settlement, dead_letter_error};
+use crate::{Claim, DeadLetter, Deduplicator, HandlerError, Outcome};
 
 /// The header JetStream deduplicates publications by.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";

@@ -53,14 +53,14 @@
 //! ```
 //! use bytes::Bytes;
 //! use idem::{MemoryStore, Scope};
-//! use idem_queue::{Attempt, Deduplicator, HandlerError, Outcome};
+//! use idem_queue::{DeliveryAttempt, Deduplicator, HandlerError, Outcome};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dedup = Deduplicator::new(MemoryStore::new(), Scope::new("orders/shipping"));
 //!
 //! // The first delivery fails transiently: released, so the redelivery runs it again.
 //! let outcome = dedup
-//!     .process_with("order-7", None, Attempt::new(1, Some(5)), || async {
+//!     .process_with("order-7", None, DeliveryAttempt::new(1, Some(5)), || async {
 //!         Err::<Bytes, _>(HandlerError::transient("warehouse API timed out"))
 //!     })
 //!     .await?;
@@ -68,7 +68,7 @@
 //!
 //! // The second succeeds and is stored...
 //! let outcome = dedup
-//!     .process_with("order-7", None, Attempt::new(2, Some(5)), || async { Ok("shipment s-1") })
+//!     .process_with("order-7", None, DeliveryAttempt::new(2, Some(5)), || async { Ok("shipment s-1") })
 //!     .await?;
 //! assert!(matches!(outcome, Outcome::Processed { .. }));
 //!
@@ -79,7 +79,11 @@
 //! # Ok(()) }
 //! ```
 
+mod dead_letter;
 mod dedup;
+mod error;
+mod options;
+mod outcome;
 mod settle;
 
 #[cfg(feature = "postgres")]
@@ -89,10 +93,11 @@ pub mod jetstream;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
-pub use dedup::{
-    Attempt, Claim, ConfigError, DeadLetter, DeadLetterReason, DedupError, DedupOptions,
-    Deduplicator, HandlerError, Held, Outcome, Replay, ResultExt, status,
-};
+pub use dead_letter::{DeadLetter, DeadLetterReason};
+pub use dedup::{Claim, Deduplicator, DeliveryAttempt, Held};
+pub use error::{DedupError, HandlerError, ResultExt};
+pub use options::{DedupOptions, OptionsError};
+pub use outcome::{Outcome, Replay, status};
 pub use settle::{Handled, RetryPolicy, Settlement};
 
 #[cfg(feature = "jetstream")]

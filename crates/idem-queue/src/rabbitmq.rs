@@ -82,8 +82,8 @@ use lapin::protocol::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Confirmation};
 
-use crate::dedup::{Claim, DeadLetter, Deduplicator, HandlerError, Outcome};
 use crate::settle::{Handled, RetryPolicy, Settlement, dead_letter_error};
+use crate::{Claim, DeadLetter, Deduplicator, HandlerError, Outcome};
 
 /// The header quorum queues count deliveries in.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";

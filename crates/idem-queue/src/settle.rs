@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::dedup::{Attempt, DeadLetterReason, DedupError, Outcome};
+use crate::{DeadLetterReason, DedupError, DeliveryAttempt, Outcome};
 
 /// When adapters redeliver, and when they give up.
 ///
@@ -77,14 +77,14 @@ impl RetryPolicy {
     }
 
     /// The attempt a delivery numbered `delivered` is under this policy.
-    pub fn attempt(&self, delivered: u64) -> Attempt {
-        Attempt::new(delivered.max(1), self.max_deliveries)
+    pub fn attempt(&self, delivered: u64) -> DeliveryAttempt {
+        DeliveryAttempt::new(delivered.max(1), self.max_deliveries)
     }
 
     /// What to tell the broker about a delivery with this outcome.
     pub fn settlement(
         &self,
-        attempt: Attempt,
+        attempt: DeliveryAttempt,
         outcome: &Result<Outcome, DedupError>,
     ) -> Settlement {
         let backoff = Settlement::Retry {
@@ -150,7 +150,7 @@ pub struct Handled {
     /// The message id used as the key.
     pub id: String,
     /// Which delivery this was.
-    pub attempt: Attempt,
+    pub attempt: DeliveryAttempt,
     /// What the deduplicator found or did.
     pub outcome: Result<Outcome, DedupError>,
     /// What the broker was told.

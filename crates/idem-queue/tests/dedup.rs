@@ -13,8 +13,8 @@ use idem::{
     StoreError, Stored, Token,
 };
 use idem_queue::{
-    Attempt, Claim, ConfigError, DeadLetter, DeadLetterReason, DedupError, DedupOptions,
-    Deduplicator, HandlerError, Outcome, ResultExt, RetryPolicy, Settlement, status,
+    Claim, DeadLetter, DeadLetterReason, DedupError, DedupOptions, Deduplicator, DeliveryAttempt,
+    HandlerError, OptionsError, Outcome, ResultExt, RetryPolicy, Settlement, status,
 };
 
 fn dedup_with(options: DedupOptions) -> Deduplicator<Arc<MemoryStore>> {
@@ -152,13 +152,13 @@ async fn the_last_delivery_gives_up_instead_of_releasing() {
     let fail = || async { Err::<Bytes, _>(std::io::Error::other("down").into()) };
     for delivered in 1..3 {
         let outcome = dedup
-            .process_with("x", None, Attempt::new(delivered, Some(3)), fail)
+            .process_with("x", None, DeliveryAttempt::new(delivered, Some(3)), fail)
             .await
             .unwrap();
         assert!(matches!(outcome, Outcome::Released { .. }), "{outcome:?}");
     }
     let outcome = dedup
-        .process_with("x", None, Attempt::new(3, Some(3)), fail)
+        .process_with("x", None, DeliveryAttempt::new(3, Some(3)), fail)
         .await
         .unwrap();
     assert!(matches!(
@@ -232,21 +232,21 @@ async fn fingerprints_tell_a_reused_id_from_a_duplicate() {
     let ok = || async { Ok("") };
     assert!(matches!(
         dedup
-            .process_with("id", Some(&a), Attempt::first(), ok)
+            .process_with("id", Some(&a), DeliveryAttempt::first(), ok)
             .await
             .unwrap(),
         Outcome::Processed { .. }
     ));
     assert!(matches!(
         dedup
-            .process_with("id", Some(&a), Attempt::first(), ok)
+            .process_with("id", Some(&a), DeliveryAttempt::first(), ok)
             .await
             .unwrap(),
         Outcome::Duplicate(_)
     ));
     assert!(matches!(
         dedup
-            .process_with("id", Some(&b), Attempt::first(), ok)
+            .process_with("id", Some(&b), DeliveryAttempt::first(), ok)
             .await
             .unwrap(),
         Outcome::Mismatch
@@ -301,7 +301,7 @@ async fn ids_that_are_not_keys_are_hashed_and_empty_ids_refused() {
 
 #[test]
 fn options_name_the_bad_field() {
-    let check = |options: DedupOptions| options.validate().map_err(|e: ConfigError| e.field);
+    let check = |options: DedupOptions| options.validate().map_err(|e: OptionsError| e.field);
     assert_eq!(check(DedupOptions::default()), Ok(()));
     assert_eq!(
         check(DedupOptions {
@@ -497,7 +497,7 @@ async fn an_outcome_is_stored_once_the_store_recovers_and_then_replayed() {
     };
     assert_eq!(replay.output().unwrap(), "charged");
     assert_eq!(
-        RetryPolicy::default().settlement(Attempt::first(), &again),
+        RetryPolicy::default().settlement(DeliveryAttempt::first(), &again),
         Settlement::Ack
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -527,7 +527,7 @@ async fn an_outcome_that_cannot_be_stored_keeps_the_message_claimed_until_its_le
     assert!(store.completes.load(Ordering::SeqCst) > 10);
     // The handler ran: settled as done, not handed back for a redelivery that would run it.
     assert_eq!(
-        RetryPolicy::default().settlement(Attempt::first(), &first),
+        RetryPolicy::default().settlement(DeliveryAttempt::first(), &first),
         Settlement::Ack
     );
 
