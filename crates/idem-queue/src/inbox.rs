@@ -13,7 +13,27 @@
 //!   redelivery runs the handler as if for the first time;
 //! - two consumers that receive the same message at once both insert; the second waits on
 //!   the first's row lock and then sees a conflict (first committed) or proceeds (first
-//!   rolled back). Exactly one transaction commits the effects.
+//!   rolled back). Exactly one transaction commits the effects. The wait is bounded by the
+//!   [lock timeout](Inbox::with_lock_timeout) (default [`DEFAULT_LOCK_TIMEOUT`], 2 s): a
+//!   duplicate that arrives while the first delivery's handler runs gives its pool
+//!   connection back after that and fails with [`InboxError::InFlight`] (nothing done;
+//!   redeliver it later) instead of holding the connection for as long as the handler runs.
+//!
+//! The claim and the handler run inside a **savepoint**: when the handler fails, the claim
+//! and whatever the handler wrote are rolled back to it, so a caller of
+//! [`Inbox::process_in`] who commits its own transaction anyway (it had other work in it)
+//! does not mark the message processed without its effects; and a handler error that
+//! aborted the transaction (a failed statement) leaves it usable again.
+//!
+//! **Isolation levels.** Under `REPEATABLE READ` or `SERIALIZABLE`, an id committed by a
+//! concurrent transaction that your snapshot cannot see makes the claim fail with a
+//! serialization failure (SQLSTATE `40001`). The inbox reads that as what it is, a
+//! duplicate: it rolls back to its savepoint and returns [`InboxOutcome::Duplicate`] (your
+//! transaction stays usable). A serialization failure or deadlock at
+//! [`Inbox::process`]'s commit is [`InboxError::Conflict`]: nothing was committed; run
+//! the message again (let the broker redeliver it). One raised by your handler's own
+//! statements is your handler's error; [`is_serialization_failure`] recognises it.
+//! [`InboxError::is_retryable`] says which errors a redelivery may cure.
 //!
 //! This is exactly-once for effects **in this database**. Side effects elsewhere (an
 //! e-mail, an HTTP call) are not rolled back with the transaction; use a
@@ -76,6 +96,40 @@ pub struct TableNameError {
     pub name: String,
 }
 
+/// How long a claim waits for another transaction holding the same id
+/// ([`Inbox::with_lock_timeout`]).
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest lock timeout Postgres takes (`lock_timeout` is an `int` of milliseconds).
+const MAX_LOCK_TIMEOUT_MS: u64 = i32::MAX as u64;
+
+/// The savepoint the claim and the handler run in.
+const SAVEPOINT: &str = "SAVEPOINT idem_inbox";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT idem_inbox";
+const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT idem_inbox";
+
+/// Whether `error` is a serialization failure (SQLSTATE `40001`) or a deadlock (`40P01`):
+/// the transaction was aborted and running it again may succeed.
+///
+/// ```
+/// assert!(!idem_queue::inbox::is_serialization_failure(&sqlx::Error::PoolTimedOut));
+/// ```
+pub fn is_serialization_failure(error: &sqlx::Error) -> bool {
+    sqlstate(error).is_some_and(|code| code == "40001" || code == "40P01")
+}
+
+/// Whether `error` is a lock timeout (SQLSTATE `55P03`, `lock_not_available`).
+fn is_lock_timeout(error: &sqlx::Error) -> bool {
+    sqlstate(error).is_some_and(|code| code == "55P03")
+}
+
+fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Database(db) => db.code().map(|code| code.into_owned()),
+        _ => None,
+    }
+}
+
 /// What the inbox did with a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InboxOutcome<T> {
@@ -95,9 +149,36 @@ pub enum InboxError<E> {
     /// The database failed.
     #[error("inbox database operation failed")]
     Database(#[source] sqlx::Error),
-    /// The handler failed; the transaction was rolled back, id included.
-    #[error("message handler failed; its transaction was rolled back")]
+    /// The handler failed; the claim and the handler's writes were rolled back (to the
+    /// inbox's savepoint, or with the whole transaction in [`Inbox::process`]).
+    #[error("message handler failed; its writes and the claim were rolled back")]
     Handler(#[source] E),
+    /// Another transaction holds this id (its handler is running) and did not end within
+    /// the [lock timeout](Inbox::with_lock_timeout). Nothing was done (and the caller's
+    /// transaction is usable); redeliver the message later: it is then a duplicate, or new
+    /// if the other transaction rolled back.
+    #[error("the message is being processed by another transaction (lock timeout)")]
+    InFlight,
+    /// A serialization failure or deadlock (SQLSTATE `40001` / `40P01`) at commit: nothing
+    /// was committed. Run the message again (let the broker redeliver it).
+    #[error("the inbox transaction conflicted with a concurrent one; nothing was committed")]
+    Conflict(#[source] sqlx::Error),
+}
+
+impl<E> InboxError<E> {
+    /// Whether handling the message again may succeed: [`InboxError::InFlight`],
+    /// [`InboxError::Conflict`], [`InboxError::Database`]. A handler error is the
+    /// handler's to judge; an empty id never gets better.
+    ///
+    /// ```
+    /// use idem_queue::inbox::InboxError;
+    ///
+    /// assert!(InboxError::<()>::InFlight.is_retryable());
+    /// assert!(!InboxError::<()>::EmptyId.is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::InFlight | Self::Conflict(_) | Self::Database(_))
+    }
 }
 
 impl<E> From<sqlx::Error> for InboxError<E> {
@@ -167,6 +248,15 @@ fn is_identifier(name: &str) -> bool {
         && name.len() <= 63
 }
 
+/// `timeout` as Postgres's `lock_timeout`: whole milliseconds, rounded up, at least 1 (0
+/// would mean "no timeout") and at most Postgres's limit.
+fn lock_timeout_ms(timeout: Duration) -> u64 {
+    let ms = timeout.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms)
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_LOCK_TIMEOUT_MS)
+}
+
 fn truncate(text: &str, max: usize) -> &str {
     &text[..text.len().min(max)]
 }
@@ -177,6 +267,8 @@ pub struct Inbox {
     pool: PgPool,
     scope: Arc<str>,
     sql: Arc<Statements>,
+    /// `lock_timeout` in milliseconds for the claim; `None`: wait as long as it takes.
+    lock_timeout_ms: Option<u64>,
 }
 
 impl Inbox {
@@ -187,7 +279,38 @@ impl Inbox {
             scope: DEFAULT_SCOPE.into(),
             // The default name is a valid identifier.
             sql: Arc::new(Statements::new(DEFAULT_TABLE).unwrap_or_else(|_| unreachable!())),
+            lock_timeout_ms: Some(lock_timeout_ms(DEFAULT_LOCK_TIMEOUT)),
         }
+    }
+
+    /// The same inbox with another bound on how long [`Inbox::process`] and
+    /// [`Inbox::process_in`] wait for a concurrent transaction that holds the same id
+    /// (default [`DEFAULT_LOCK_TIMEOUT`], 2 s). After it they fail with
+    /// [`InboxError::InFlight`] and give their connection back, so duplicates delivered
+    /// while a handler runs do not hold pool connections for as long as it does. Keep it
+    /// short: the redelivery finds the outcome. `None` waits as long as the other
+    /// transaction runs. It applies to the claim only; your handler's statements run under
+    /// your own `lock_timeout`. Rounded up to whole milliseconds, at most
+    /// `i32::MAX` ms (Postgres's limit, about 24 days).
+    ///
+    /// ```
+    /// # fn pool() -> sqlx::PgPool { unimplemented!() }
+    /// # fn main() { if false {
+    /// use std::time::Duration;
+    /// use idem_queue::inbox::Inbox;
+    ///
+    /// let inbox = Inbox::new(pool()).with_lock_timeout(Some(Duration::from_millis(500)));
+    /// assert_eq!(inbox.lock_timeout(), Some(Duration::from_millis(500)));
+    /// # } }
+    /// ```
+    pub fn with_lock_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.lock_timeout_ms = timeout.map(lock_timeout_ms);
+        self
+    }
+
+    /// The claim's lock timeout ([`Inbox::with_lock_timeout`]).
+    pub fn lock_timeout(&self) -> Option<Duration> {
+        self.lock_timeout_ms.map(Duration::from_millis)
     }
 
     /// The same inbox in table `table` (`name` or `schema.name`).
@@ -291,7 +414,13 @@ impl Inbox {
         let mut tx = self.pool.begin().await?;
         match self.process_in(&mut tx, message_id, handler).await? {
             InboxOutcome::Processed(value) => {
-                tx.commit().await?;
+                tx.commit().await.map_err(|error| {
+                    if is_serialization_failure(&error) {
+                        InboxError::Conflict(error)
+                    } else {
+                        InboxError::Database(error)
+                    }
+                })?;
                 Ok(InboxOutcome::Processed(value))
             }
             InboxOutcome::Duplicate => {
@@ -302,8 +431,10 @@ impl Inbox {
     }
 
     /// Processes `message_id` inside the caller's own transaction `conn`: claims it and, if
-    /// new, runs `handler` on it. The caller commits (effects and claim together) or, on
-    /// any error, rolls back.
+    /// new, runs `handler` on it, both inside a savepoint. The caller commits (effects and
+    /// claim together). On an error the claim and the handler's writes are already rolled
+    /// back to the savepoint and the transaction is usable: the caller may roll back or
+    /// commit its own other writes; the message stays unprocessed either way.
     ///
     /// ```no_run
     /// use idem_queue::inbox::{Inbox, InboxOutcome};
@@ -332,13 +463,80 @@ impl Inbox {
         if message_id.is_empty() {
             return Err(InboxError::EmptyId);
         }
-        if !self.claim(conn, message_id).await? {
-            return Ok(InboxOutcome::Duplicate);
+        sqlx::raw_sql(SAVEPOINT).execute(&mut *conn).await?;
+        match self.claim_bounded(conn, message_id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                sqlx::raw_sql(RELEASE_SAVEPOINT).execute(&mut *conn).await?;
+                return Ok(InboxOutcome::Duplicate);
+            }
+            Err(error) => {
+                // The failed statement aborted the transaction; back to the savepoint it
+                // is usable again (and any `lock_timeout` set for the claim is undone).
+                sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
+                    .execute(&mut *conn)
+                    .await?;
+                return if is_lock_timeout(&error) {
+                    Err(InboxError::InFlight)
+                } else if sqlstate(&error).as_deref() == Some("40001") {
+                    // ON CONFLICT under REPEATABLE READ/SERIALIZABLE: the conflicting row
+                    // was committed by a transaction this snapshot cannot see. The id is
+                    // processed: a duplicate.
+                    Ok(InboxOutcome::Duplicate)
+                } else {
+                    Err(InboxError::Database(error))
+                };
+            }
         }
-        handler(conn)
-            .await
-            .map(InboxOutcome::Processed)
-            .map_err(InboxError::Handler)
+        match handler(&mut *conn).await {
+            Ok(value) => {
+                sqlx::raw_sql(RELEASE_SAVEPOINT).execute(&mut *conn).await?;
+                Ok(InboxOutcome::Processed(value))
+            }
+            Err(error) => {
+                // Undo the claim with the handler's writes, so a caller who commits anyway
+                // does not mark the message processed without its effects.
+                if let Err(rollback) = sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
+                    .execute(&mut *conn)
+                    .await
+                {
+                    // The claim may still be in the transaction: report the database
+                    // failure (the caller must not commit), not the handler's.
+                    tracing::warn!(
+                        message_id,
+                        "rolling back to the inbox savepoint after a handler error failed"
+                    );
+                    return Err(InboxError::Database(rollback));
+                }
+                Err(InboxError::Handler(error))
+            }
+        }
+    }
+
+    /// [`Inbox::claim`] under the inbox's lock timeout, restored afterwards so the
+    /// handler runs under the caller's own. Must run inside the inbox's savepoint: on an
+    /// error the caller rolls back to it, which also undoes the `SET LOCAL`.
+    async fn claim_bounded(
+        &self,
+        conn: &mut PgConnection,
+        message_id: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let Some(timeout_ms) = self.lock_timeout_ms else {
+            return self.claim(conn, message_id).await;
+        };
+        let previous: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')")
+            .fetch_one(&mut *conn)
+            .await?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{timeout_ms}ms"))
+            .execute(&mut *conn)
+            .await?;
+        let new = self.claim(conn, message_id).await?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(previous)
+            .execute(&mut *conn)
+            .await?;
+        Ok(new)
     }
 
     /// Deletes up to `batch` rows (of any scope) processed more than `retention` ago;

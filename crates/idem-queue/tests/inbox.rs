@@ -260,3 +260,229 @@ async fn table_names_must_be_plain_identifiers() {
         assert!(inbox.clone().with_table(bad).is_err(), "{bad}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_waits_for_the_running_handler_at_most_the_lock_timeout() {
+    let name = suffix();
+    let (inbox, effects, _guard) = inbox(&name).await;
+    let inbox = inbox.with_lock_timeout(Some(Duration::from_millis(200)));
+    assert_eq!(inbox.lock_timeout(), Some(Duration::from_millis(200)));
+    let (started, running) = tokio::sync::oneshot::channel();
+    let first = tokio::spawn({
+        let (inbox, effects) = (inbox.clone(), Arc::clone(&effects));
+        async move {
+            inbox
+                .process("m", |tx| {
+                    Box::pin(async move {
+                        // The handler runs under the caller's lock timeout, not the claim's.
+                        let own: String = sqlx::query_scalar("SHOW lock_timeout")
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        effects.record(&mut *tx, "m", "first").await?;
+                        let _ = started.send(());
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        Ok::<_, sqlx::Error>(own)
+                    })
+                })
+                .await
+                .unwrap()
+        }
+    });
+    running.await.unwrap();
+    let began = std::time::Instant::now();
+    let second = inbox
+        .process("m", |_| {
+            Box::pin(async { Ok::<_, sqlx::Error>("ran".to_owned()) })
+        })
+        .await;
+    let waited = began.elapsed();
+    assert!(
+        matches!(second, Err(InboxError::InFlight)),
+        "{second:?} after {waited:?}"
+    );
+    assert!(second.as_ref().unwrap_err().is_retryable());
+    assert!(waited < Duration::from_millis(1_500), "waited {waited:?}");
+    assert_eq!(
+        first.await.unwrap(),
+        InboxOutcome::Processed("0".to_owned()),
+        "the handler saw the default lock_timeout"
+    );
+    // The redelivery after the first committed is a duplicate.
+    let again = inbox
+        .process("m", |_| {
+            Box::pin(async { Ok::<_, sqlx::Error>(String::new()) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, InboxOutcome::Duplicate);
+    assert_eq!(effects.counts().await, (1, 1, 0));
+}
+
+#[tokio::test]
+async fn a_caller_who_commits_after_a_handler_error_keeps_none_of_the_message() {
+    let name = suffix();
+    let (inbox, effects, _guard) = inbox(&name).await;
+
+    // The handler wrote, then failed: the caller commits its own work anyway.
+    let mut tx = inbox.pool().begin().await.unwrap();
+    effects.record(&mut *tx, "audit-1", "caller").await.unwrap();
+    let outcome = inbox
+        .process_in(&mut tx, "m", |tx| {
+            let effects = Arc::clone(&effects);
+            Box::pin(async move {
+                effects.record(&mut *tx, "m", "handler").await?;
+                Err::<(), _>(sqlx::Error::Protocol("the handler gave up".into()))
+            })
+        })
+        .await;
+    assert!(matches!(outcome, Err(InboxError::Handler(_))));
+    tx.commit().await.unwrap();
+    assert!(
+        !inbox.is_processed("m").await.unwrap(),
+        "not processed without its effects"
+    );
+    assert_eq!(
+        effects.counts().await,
+        (1, 1, 0),
+        "only the caller's own row"
+    );
+
+    // A handler whose statement failed (aborting the transaction): the caller's own
+    // writes still commit, and the message is still unprocessed.
+    let mut tx = inbox.pool().begin().await.unwrap();
+    effects.record(&mut *tx, "audit-2", "caller").await.unwrap();
+    let outcome = inbox
+        .process_in(&mut tx, "m", |tx| {
+            Box::pin(async move {
+                sqlx::query("SELECT 1 / 0").execute(&mut *tx).await?;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .await;
+    assert!(matches!(outcome, Err(InboxError::Handler(_))));
+    effects.record(&mut *tx, "audit-3", "caller").await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(!inbox.is_processed("m").await.unwrap());
+    assert_eq!(effects.counts().await, (3, 3, 0));
+
+    // And it runs on its redelivery.
+    let outcome = inbox
+        .process("m", |tx| {
+            let effects = Arc::clone(&effects);
+            Box::pin(async move { effects.record(&mut *tx, "m", "handler").await })
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, InboxOutcome::Processed(()));
+    assert_eq!(effects.counts().await, (4, 4, 0));
+}
+
+#[tokio::test]
+async fn under_repeatable_read_an_id_committed_after_the_snapshot_is_a_duplicate() {
+    let name = suffix();
+    let (inbox, effects, _guard) = inbox(&name).await;
+    let mut tx = inbox.pool().begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    effects.record(&mut *tx, "audit", "caller").await.unwrap(); // takes the snapshot
+
+    // Another consumer processes the message and commits after that snapshot.
+    inbox
+        .process("m", |tx| {
+            let effects = Arc::clone(&effects);
+            Box::pin(async move { effects.record(&mut *tx, "m", "other").await })
+        })
+        .await
+        .unwrap();
+
+    let outcome = inbox
+        .process_in(&mut tx, "m", |tx| {
+            let effects = Arc::clone(&effects);
+            Box::pin(async move { effects.record(&mut *tx, "m", "again").await })
+        })
+        .await;
+    assert!(
+        matches!(outcome, Ok(InboxOutcome::Duplicate)),
+        "a duplicate, not a database error: {outcome:?}"
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(
+        effects.counts().await,
+        (2, 2, 0),
+        "the caller's row and one effect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_serialization_failure_at_commit_is_a_conflict_to_retry() {
+    use idem_queue::sqlx::Executor;
+    use idem_queue::sqlx::postgres::PgPoolOptions;
+
+    let name = suffix();
+    let (inbox, effects, _guard) = inbox(&name).await;
+    let serializable = PgPoolOptions::new()
+        .max_connections(4)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET default_transaction_isolation = 'serializable'")
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect(&database_url())
+        .await
+        .unwrap();
+    let inbox = Inbox::new(serializable).with_table(inbox.table()).unwrap();
+    let count = format!(
+        "SELECT count(*) FROM {} WHERE message_id = $1",
+        effects.table
+    );
+
+    // Write skew: each handler reads what the other writes.
+    let read = Arc::new(tokio::sync::Barrier::new(2));
+    let written = Arc::new(tokio::sync::Barrier::new(2));
+    let (first_done, first_committed) = tokio::sync::oneshot::channel::<()>();
+    let run = |id: &'static str,
+               reads: &'static str,
+               writes: &'static str,
+               wait: Option<tokio::sync::oneshot::Receiver<()>>| {
+        let (inbox, effects, count) = (inbox.clone(), Arc::clone(&effects), count.clone());
+        let (read, written) = (Arc::clone(&read), Arc::clone(&written));
+        tokio::spawn(async move {
+            inbox
+                .process(id, |tx| {
+                    Box::pin(async move {
+                        let _: i64 = sqlx::query_scalar(AssertSqlSafe(count))
+                            .bind(reads)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        read.wait().await;
+                        effects.record(&mut *tx, writes, id).await?;
+                        written.wait().await;
+                        if let Some(wait) = wait {
+                            let _ = wait.await;
+                        }
+                        Ok::<_, sqlx::Error>(())
+                    })
+                })
+                .await
+        })
+    };
+    let first = run("a", "x", "y", None);
+    let second = run("b", "y", "x", Some(first_committed));
+    let first = first.await.unwrap();
+    assert!(
+        matches!(first, Ok(InboxOutcome::Processed(()))),
+        "{first:?}"
+    );
+    first_done.send(()).unwrap();
+    let second = second.await.unwrap();
+    assert!(
+        matches!(second, Err(InboxError::Conflict(_))),
+        "a typed conflict: {second:?}"
+    );
+    assert!(second.unwrap_err().is_retryable());
+    assert!(!inbox.is_processed("b").await.unwrap(), "nothing committed");
+}
