@@ -1,5 +1,7 @@
-//! The broker-independent deduplicator, on the memory store.
+//! The broker-independent deduplicator: its contract on every store (memory, redb, Redis,
+//! Postgres), then what only a memory store with injected faults or a paused clock can show.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,13 +14,105 @@ use idem::{
     Begin, Clock, Fingerprint, Lease, MemoryStore, Record, RecordState, Scope, ScopedKey, Store,
     StoreError, Stored, Token,
 };
+use idem_postgres::{PostgresOptions, PostgresStore};
 use idem_queue::{
     Claim, DeadLetter, DeadLetterReason, DedupError, DedupOptions, Deduplicator, DeliveryAttempt,
     HandlerError, OptionsError, Outcome, ResultExt, RetryPolicy, Settlement, status,
 };
+use idem_redb::RedbStore;
+use idem_redis::{RedisOptions, RedisStore};
+use idem_testkit::{PostgresSchema, RedisPrefix};
 
-fn dedup_with(options: DedupOptions) -> Deduplicator<Arc<MemoryStore>> {
-    Deduplicator::with_options(Arc::new(MemoryStore::new()), Scope::new("test"), options).unwrap()
+/// A store under test, with whatever must outlive it: its file's directory, its Redis
+/// prefix or its Postgres schema (removed when the test ends).
+struct Backend {
+    store: Arc<dyn Store>,
+    _keep: Box<dyn Any + Send>,
+}
+
+impl Backend {
+    async fn memory() -> Self {
+        Self {
+            store: Arc::new(MemoryStore::new()),
+            _keep: Box::new(()),
+        }
+    }
+
+    async fn redb() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = RedbStore::open(dir.path().join("idem.redb")).expect("open redb");
+        Self {
+            store: Arc::new(store),
+            _keep: Box::new(dir),
+        }
+    }
+
+    async fn redis() -> Self {
+        let prefix = RedisPrefix::new("queue-dedup");
+        let options = RedisOptions {
+            prefix: prefix.name().to_owned(),
+            ..RedisOptions::default()
+        };
+        let store = RedisStore::connect_with(&idem_testkit::redis_url(), options)
+            .await
+            .expect("connect to Redis");
+        Self {
+            store: Arc::new(store),
+            _keep: Box::new(prefix),
+        }
+    }
+
+    async fn postgres() -> Self {
+        let schema = PostgresSchema::new("queue_dedup");
+        let options = PostgresOptions::new()
+            .table(format!("{}.records", schema.name()))
+            .max_connections(8);
+        let store = PostgresStore::connect_with(&idem_testkit::database_url(), &options)
+            .await
+            .expect("connect to Postgres");
+        Self {
+            store: Arc::new(store),
+            _keep: Box::new(schema),
+        }
+    }
+}
+
+/// Runs each listed `async fn(Backend)` as a test on every store: `memory::name`,
+/// `redb::name`, `redis::name`, `postgres::name`.
+macro_rules! on_every_store {
+    ($($test:ident),* $(,)?) => {
+        on_every_store!(@store memory: $($test),*);
+        on_every_store!(@store redb: $($test),*);
+        on_every_store!(@store redis: $($test),*);
+        on_every_store!(@store postgres: $($test),*);
+    };
+    (@store $store:ident: $($test:ident),*) => {
+        mod $store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::$test(super::Backend::$store().await).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    runs_once_and_replays_the_stored_output,
+    concurrent_deliveries_of_one_message_run_it_once,
+    transient_errors_release_and_permanent_ones_are_kept,
+    the_last_delivery_gives_up_instead_of_releasing,
+    a_long_handler_keeps_its_lease,
+    a_lost_lease_is_reported_and_nothing_is_stored,
+    fingerprints_tell_a_reused_id_from_a_duplicate,
+    dead_letters_are_written_once_and_read_back,
+    ids_that_are_not_keys_are_hashed_and_empty_ids_refused,
+    a_handler_that_blocks_its_thread_keeps_its_lease,
+);
+
+fn dedup_with(backend: &Backend, options: DedupOptions) -> Deduplicator<Arc<dyn Store>> {
+    Deduplicator::with_options(Arc::clone(&backend.store), Scope::new("test"), options).unwrap()
 }
 
 fn short_lease() -> DedupOptions {
@@ -28,9 +122,8 @@ fn short_lease() -> DedupOptions {
     }
 }
 
-#[tokio::test]
-async fn runs_once_and_replays_the_stored_output() {
-    let dedup = dedup_with(DedupOptions::default());
+async fn runs_once_and_replays_the_stored_output(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
     let runs = AtomicUsize::new(0);
     let handler = || async {
         runs.fetch_add(1, Ordering::SeqCst);
@@ -58,9 +151,8 @@ async fn runs_once_and_replays_the_stored_output() {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_deliveries_of_one_message_run_it_once() {
-    let dedup = dedup_with(DedupOptions::default());
+async fn concurrent_deliveries_of_one_message_run_it_once(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
     let runs = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..32)
         .map(|_| {
@@ -90,9 +182,8 @@ async fn concurrent_deliveries_of_one_message_run_it_once() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
-async fn transient_errors_release_and_permanent_ones_are_kept() {
-    let dedup = dedup_with(DedupOptions::default());
+async fn transient_errors_release_and_permanent_ones_are_kept(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
 
     let outcome = dedup
         .process("t", || async {
@@ -146,9 +237,8 @@ async fn transient_errors_release_and_permanent_ones_are_kept() {
     );
 }
 
-#[tokio::test]
-async fn the_last_delivery_gives_up_instead_of_releasing() {
-    let dedup = dedup_with(DedupOptions::default());
+async fn the_last_delivery_gives_up_instead_of_releasing(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
     let fail = || async { Err::<Bytes, _>(std::io::Error::other("down").into()) };
     for delivered in 1..3 {
         let outcome = dedup
@@ -175,9 +265,8 @@ async fn the_last_delivery_gives_up_instead_of_releasing() {
     assert_eq!(stored.status, status::GAVE_UP);
 }
 
-#[tokio::test]
-async fn a_long_handler_keeps_its_lease() {
-    let dedup = dedup_with(short_lease());
+async fn a_long_handler_keeps_its_lease(backend: Backend) {
+    let dedup = dedup_with(&backend, short_lease());
     let other = dedup.clone();
     let running = dedup.process("long", || async {
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -196,9 +285,8 @@ async fn a_long_handler_keeps_its_lease() {
     assert!(matches!(outcome.unwrap(), Outcome::Processed { output } if output == "finished"));
 }
 
-#[tokio::test]
-async fn a_lost_lease_is_reported_and_nothing_is_stored() {
-    let dedup = dedup_with(short_lease());
+async fn a_lost_lease_is_reported_and_nothing_is_stored(backend: Backend) {
+    let dedup = dedup_with(&backend, short_lease());
     let thief = dedup.clone();
     let running = dedup.process("lost", || async {
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -224,9 +312,8 @@ async fn a_lost_lease_is_reported_and_nothing_is_stored() {
     assert!(matches!(winner, Outcome::Processed { output } if output == "winner"));
 }
 
-#[tokio::test]
-async fn fingerprints_tell_a_reused_id_from_a_duplicate() {
-    let dedup = dedup_with(DedupOptions::default());
+async fn fingerprints_tell_a_reused_id_from_a_duplicate(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
     let a = Fingerprint::builder().part("payload", b"a").finish();
     let b = Fingerprint::builder().part("payload", b"b").finish();
     let ok = || async { Ok("") };
@@ -253,9 +340,8 @@ async fn fingerprints_tell_a_reused_id_from_a_duplicate() {
     ));
 }
 
-#[tokio::test]
-async fn dead_letters_are_written_once_and_read_back() {
-    let dedup = dedup_with(DedupOptions::default());
+async fn dead_letters_are_written_once_and_read_back(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
     let letter = DeadLetter {
         id: "poison".into(),
         reason: DeadLetterReason::MaxDeliveries,
@@ -279,9 +365,8 @@ async fn dead_letters_are_written_once_and_read_back() {
     assert!(dedup.record("poison").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn ids_that_are_not_keys_are_hashed_and_empty_ids_refused() {
-    let dedup = dedup_with(DedupOptions::default());
+async fn ids_that_are_not_keys_are_hashed_and_empty_ids_refused(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
     let long = "x".repeat(1_000);
     for id in [long.as_str(), "ünïcødé", "tab\tseparated"] {
         assert!(matches!(
@@ -564,9 +649,8 @@ async fn completing_a_claim_that_cannot_be_stored_does_not_release_it() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_that_blocks_its_thread_keeps_its_lease() {
-    let dedup = dedup_with(short_lease());
+async fn a_handler_that_blocks_its_thread_keeps_its_lease(backend: Backend) {
+    let dedup = dedup_with(&backend, short_lease());
     let running = {
         let dedup = dedup.clone();
         tokio::spawn(async move {
