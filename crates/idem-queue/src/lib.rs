@@ -93,7 +93,7 @@ pub mod jetstream;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
-pub use dead_letter::{DeadLetter, DeadLetterReason};
+pub use dead_letter::{DeadLetter, DeadLetterEntry, DeadLetterReason};
 pub use dedup::{Claim, Deduplicator, DeliveryAttempt, Held};
 pub use error::{DedupError, HandlerError, ResultExt};
 pub use options::{DedupOptions, OptionsError};

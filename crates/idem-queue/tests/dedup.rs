@@ -11,13 +11,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem::{
-    Begin, Clock, Fingerprint, Lease, MemoryStore, Record, RecordState, Scope, ScopedKey, Store,
-    StoreError, Stored, Token,
+    Begin, Clock, Fingerprint, Key, Lease, MemoryStore, Record, RecordState, Scope, ScopedKey,
+    Store, StoreError, Stored, Token,
 };
 use idem_postgres::{PostgresOptions, PostgresStore};
 use idem_queue::{
-    Claim, DeadLetter, DeadLetterReason, DedupError, DedupOptions, Deduplicator, DeliveryAttempt,
-    HandlerError, OptionsError, Outcome, ResultExt, RetryPolicy, Settlement, status,
+    Claim, DeadLetter, DeadLetterEntry, DeadLetterReason, DedupError, DedupOptions, Deduplicator,
+    DeliveryAttempt, HandlerError, OptionsError, Outcome, ResultExt, RetryPolicy, Settlement,
+    status,
 };
 use idem_redb::RedbStore;
 use idem_redis::{RedisOptions, RedisStore};
@@ -27,13 +28,20 @@ use idem_testkit::{PostgresSchema, RedisPrefix};
 /// prefix or its Postgres schema (removed when the test ends).
 struct Backend {
     store: Arc<dyn Store>,
+    /// The lease of the tests that watch leases end or hold: short, but several store round
+    /// trips long even on a loaded machine (renewals are every third of it).
+    lease: Duration,
     _keep: Box<dyn Any + Send>,
 }
+
+/// The lease for timing tests on a store across the network or on disk.
+const SERVER_LEASE: Duration = Duration::from_millis(500);
 
 impl Backend {
     async fn memory() -> Self {
         Self {
             store: Arc::new(MemoryStore::new()),
+            lease: Duration::from_millis(150),
             _keep: Box::new(()),
         }
     }
@@ -43,6 +51,7 @@ impl Backend {
         let store = RedbStore::open(dir.path().join("idem.redb")).expect("open redb");
         Self {
             store: Arc::new(store),
+            lease: SERVER_LEASE,
             _keep: Box::new(dir),
         }
     }
@@ -58,6 +67,7 @@ impl Backend {
             .expect("connect to Redis");
         Self {
             store: Arc::new(store),
+            lease: SERVER_LEASE,
             _keep: Box::new(prefix),
         }
     }
@@ -72,6 +82,7 @@ impl Backend {
             .expect("connect to Postgres");
         Self {
             store: Arc::new(store),
+            lease: SERVER_LEASE,
             _keep: Box::new(schema),
         }
     }
@@ -109,15 +120,19 @@ on_every_store!(
     dead_letters_are_written_once_and_read_back,
     ids_that_are_not_keys_are_hashed_and_empty_ids_refused,
     a_handler_that_blocks_its_thread_keeps_its_lease,
+    forget_clears_the_dead_letter_too,
+    dead_letters_are_listed_oldest_first_with_reason_and_deliveries,
+    concurrent_dead_letters_are_all_listed,
+    a_dead_writer_s_hole_in_the_index_hides_no_dead_letter,
 );
 
 fn dedup_with(backend: &Backend, options: DedupOptions) -> Deduplicator<Arc<dyn Store>> {
     Deduplicator::with_options(Arc::clone(&backend.store), Scope::new("test"), options).unwrap()
 }
 
-fn short_lease() -> DedupOptions {
+fn short_lease(backend: &Backend) -> DedupOptions {
     DedupOptions {
-        lease: Duration::from_millis(150),
+        lease: backend.lease,
         ..DedupOptions::default()
     }
 }
@@ -266,15 +281,16 @@ async fn the_last_delivery_gives_up_instead_of_releasing(backend: Backend) {
 }
 
 async fn a_long_handler_keeps_its_lease(backend: Backend) {
-    let dedup = dedup_with(&backend, short_lease());
+    let dedup = dedup_with(&backend, short_lease(&backend));
     let other = dedup.clone();
+    let lease = backend.lease;
     let running = dedup.process("long", || async {
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(lease * 4).await;
         Ok("finished")
     });
     let meanwhile = async {
         // Four leases into the handler, the message is still held.
-        tokio::time::sleep(Duration::from_millis(450)).await;
+        tokio::time::sleep(lease * 3).await;
         other
             .process("long", || async { Ok("stolen") })
             .await
@@ -286,19 +302,23 @@ async fn a_long_handler_keeps_its_lease(backend: Backend) {
 }
 
 async fn a_lost_lease_is_reported_and_nothing_is_stored(backend: Backend) {
-    let dedup = dedup_with(&backend, short_lease());
+    let dedup = dedup_with(&backend, short_lease(&backend));
     let thief = dedup.clone();
+    let lease = backend.lease;
     let running = dedup.process("lost", || async {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(lease * 8 / 3).await;
         Ok("late")
     });
     let takeover = async {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Once the first consumer holds it (on a loaded machine, that may take a while).
+        while thief.record("lost").await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         // Another consumer's takeover, as after an expired lease.
         assert!(thief.forget("lost").await.unwrap());
         thief
             .process("lost", || async {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(lease * 10 / 3).await;
                 Ok("winner")
             })
             .await
@@ -363,6 +383,216 @@ async fn dead_letters_are_written_once_and_read_back(backend: Backend) {
     assert_eq!(dedup.dead_letter_record("other").await.unwrap(), None);
     // Dead letters live in their own scope: the message id itself is untouched.
     assert!(dedup.record("poison").await.unwrap().is_none());
+}
+
+fn letter(id: &str, reason: DeadLetterReason, deliveries: u64) -> DeadLetter {
+    DeadLetter {
+        id: id.into(),
+        reason,
+        deliveries,
+        error: Some(format!("{id} failed")),
+        origin: "test".into(),
+        payload: Bytes::from(format!("payload of {id}")),
+    }
+}
+
+fn ids(listed: &[DeadLetterEntry]) -> Vec<&str> {
+    listed
+        .iter()
+        .map(|entry| entry.letter.id.as_str())
+        .collect()
+}
+
+fn a_day_ago() -> SystemTime {
+    SystemTime::now() - Duration::from_secs(86_400)
+}
+
+async fn forget_clears_the_dead_letter_too(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
+    let fail = || async { "x".parse::<u32>().permanent().map(|n| n.to_string()) };
+    let outcome = dedup.process("poison", fail).await.unwrap();
+    assert!(matches!(outcome, Outcome::Failed { .. }), "{outcome:?}");
+    assert!(
+        dedup
+            .dead_letter(&letter("poison", DeadLetterReason::Permanent, 1))
+            .await
+            .unwrap()
+    );
+
+    assert!(dedup.forget("poison").await.unwrap());
+    assert!(dedup.record("poison").await.unwrap().is_none());
+    assert_eq!(dedup.dead_letter_record("poison").await.unwrap(), None);
+    assert_eq!(
+        ids(&dedup.dead_letters(a_day_ago(), 100).await.unwrap()),
+        Vec::<&str>::new()
+    );
+    assert!(
+        !dedup.forget("poison").await.unwrap(),
+        "nothing left to forget"
+    );
+
+    // A dead letter without a message record (kept by a store that lost the message's, or
+    // written by hand) is forgotten too.
+    assert!(
+        dedup
+            .dead_letter(&letter("orphan", DeadLetterReason::Mismatch, 2))
+            .await
+            .unwrap()
+    );
+    assert!(dedup.forget("orphan").await.unwrap());
+    assert_eq!(dedup.dead_letter_record("orphan").await.unwrap(), None);
+
+    // Replayed, it runs again; failing again, it is dead-lettered again, listed once, with
+    // the new record's fields.
+    let outcome = dedup.process("poison", fail).await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::Failed { .. }),
+        "ran again: {outcome:?}"
+    );
+    assert!(
+        dedup
+            .dead_letter(&letter("poison", DeadLetterReason::Permanent, 7))
+            .await
+            .unwrap()
+    );
+    let listed = dedup.dead_letters(a_day_ago(), 100).await.unwrap();
+    assert_eq!(ids(&listed), ["poison"]);
+    assert_eq!(listed[0].letter.deliveries, 7);
+}
+
+async fn dead_letters_are_listed_oldest_first_with_reason_and_deliveries(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
+    let before = SystemTime::now();
+    let written = [
+        letter("c-first", DeadLetterReason::MaxDeliveries, 5),
+        letter("a-second", DeadLetterReason::Permanent, 1),
+        letter("b-third", DeadLetterReason::Mismatch, 2),
+    ];
+    for letter in &written {
+        assert!(dedup.dead_letter(letter).await.unwrap());
+        // Not written twice: the second call finds the record and adds no index entry.
+        assert!(!dedup.dead_letter(letter).await.unwrap());
+    }
+
+    let listed = dedup.dead_letters(a_day_ago(), 100).await.unwrap();
+    assert_eq!(ids(&listed), ["c-first", "a-second", "b-third"]);
+    for (entry, letter) in listed.iter().zip(&written) {
+        assert_eq!(&entry.letter, letter);
+        assert!(
+            entry.at >= before && entry.at <= SystemTime::now(),
+            "{entry:?}"
+        );
+    }
+    assert!(listed.windows(2).all(|pair| pair[0].at < pair[1].at));
+
+    // Pages: `limit` from `since`, and on from just after the last one.
+    let page = dedup.dead_letters(before, 2).await.unwrap();
+    assert_eq!(ids(&page), ["c-first", "a-second"]);
+    let next = page[1].at + Duration::from_nanos(1);
+    assert_eq!(
+        ids(&dedup.dead_letters(next, 2).await.unwrap()),
+        ["b-third"]
+    );
+    assert!(
+        dedup
+            .dead_letters(SystemTime::now(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(dedup.dead_letters(before, 0).await.unwrap().is_empty());
+
+    // Kept for the dead-letter retention (30 days), not for the lease or the message's.
+    let key = ScopedKey::new(
+        dedup.dead_letter_scope().clone(),
+        Key::new("c-first").unwrap(),
+    );
+    let kept = dedup.store().get(&key).await.unwrap().unwrap().expires_at();
+    let retention = dedup.options().dead_letter_retention;
+    assert!(
+        kept >= before + retention - Duration::from_secs(60),
+        "{kept:?}"
+    );
+}
+
+async fn concurrent_dead_letters_are_all_listed(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
+    let writers: Vec<_> = (0..24)
+        .map(|n| {
+            let dedup = dedup.clone();
+            tokio::spawn(async move {
+                let id = format!("m-{n:02}");
+                dedup
+                    .dead_letter(&letter(&id, DeadLetterReason::MaxDeliveries, n))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for writer in writers {
+        assert!(writer.await.unwrap());
+    }
+    let listed = dedup.dead_letters(a_day_ago(), 1_000).await.unwrap();
+    let mut found = ids(&listed);
+    found.sort_unstable();
+    let expected: Vec<String> = (0..24).map(|n| format!("m-{n:02}")).collect();
+    assert_eq!(found, expected);
+    assert!(listed.windows(2).all(|pair| pair[0].at <= pair[1].at));
+}
+
+async fn a_dead_writer_s_hole_in_the_index_hides_no_dead_letter(backend: Backend) {
+    let dedup = dedup_with(&backend, short_lease(&backend));
+    assert!(
+        dedup
+            .dead_letter(&letter("before-hole", DeadLetterReason::Permanent, 1))
+            .await
+            .unwrap()
+    );
+    // A writer that claimed the next index slot and died before completing it.
+    let day = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    let index = Scope::new(format!("{}.index", dedup.dead_letter_scope().as_str()));
+    let slot = ScopedKey::new(index, Key::new(&format!("{day}.1")).unwrap());
+    let any = Fingerprint::builder().part("dead writer", b"").finish();
+    let begin = backend
+        .store
+        .begin(&slot, &any, backend.lease)
+        .await
+        .unwrap();
+    assert!(matches!(begin, Begin::Acquired(_)), "{begin:?}");
+    assert!(
+        dedup
+            .dead_letter(&letter("after-hole", DeadLetterReason::Permanent, 2))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        ids(&dedup.dead_letters(a_day_ago(), 10).await.unwrap()),
+        ["before-hole", "after-hole"]
+    );
+
+    // Once the dead writer's claim has lapsed its slot is a hole; the listing reads past
+    // it, and the next writer fills it.
+    tokio::time::sleep(backend.lease * 10 / 3).await;
+    assert!(backend.store.get(&slot).await.unwrap().is_none(), "a hole");
+    assert_eq!(
+        ids(&dedup.dead_letters(a_day_ago(), 10).await.unwrap()),
+        ["before-hole", "after-hole"]
+    );
+    assert!(
+        dedup
+            .dead_letter(&letter("in-hole", DeadLetterReason::Permanent, 3))
+            .await
+            .unwrap()
+    );
+    assert!(backend.store.get(&slot).await.unwrap().is_some(), "filled");
+    assert_eq!(
+        ids(&dedup.dead_letters(a_day_ago(), 10).await.unwrap()),
+        ["before-hole", "after-hole", "in-hole"]
+    );
 }
 
 async fn ids_that_are_not_keys_are_hashed_and_empty_ids_refused(backend: Backend) {
@@ -650,20 +880,21 @@ async fn completing_a_claim_that_cannot_be_stored_does_not_release_it() {
 }
 
 async fn a_handler_that_blocks_its_thread_keeps_its_lease(backend: Backend) {
-    let dedup = dedup_with(&backend, short_lease());
+    let dedup = dedup_with(&backend, short_lease(&backend));
+    let lease = backend.lease;
     let running = {
         let dedup = dedup.clone();
         tokio::spawn(async move {
             dedup
                 .process("blocking", || async {
                     // Four leases without yielding: a synchronous client, a CPU-bound step.
-                    std::thread::sleep(Duration::from_millis(600));
+                    std::thread::sleep(lease * 4);
                     Ok("finished")
                 })
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(lease * 3).await;
     let second = dedup
         .process("blocking", || async { Ok("stolen") })
         .await
