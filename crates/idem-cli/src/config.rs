@@ -144,23 +144,34 @@ pub enum PathMatch {
 impl PathMatch {
     /// Whether `path` (normalised: see [`normalize_path`]) is covered.
     ///
+    /// Matching errs towards protecting: letters match without regard to case, and one
+    /// trailing `/` is ignored, because frameworks behind the gateway (Express, ASP.NET
+    /// Core, Spring) route `/PAY` and `/pay/` to the `/pay` handler. A path that only
+    /// looks alike to idem at worst needs a key the upstream would not have needed.
+    ///
     /// ```
     /// use idem_cli::config::PathMatch;
     ///
     /// let prefix = PathMatch::Prefix("/payments".into());
     /// assert!(prefix.matches("/payments") && prefix.matches("/payments/7"));
+    /// assert!(prefix.matches("/Payments/") && prefix.matches("/PAYMENTS"));
     /// assert!(!prefix.matches("/paymentsx"));
     /// let pattern = PathMatch::Pattern(vec!["orders".into(), "*".into(), "items".into()]);
     /// assert!(pattern.matches("/orders/9/items") && !pattern.matches("/orders/9/items/1"));
+    /// assert!(pattern.matches("/orders/9/items/") && pattern.matches("/Orders/9/ITEMS"));
     /// ```
     pub fn matches(&self, path: &str) -> bool {
+        let path = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
         match self {
             Self::Prefix(prefix) => {
                 let prefix = prefix.trim_end_matches('/');
-                path == prefix
-                    || path
-                        .strip_prefix(prefix)
-                        .is_some_and(|rest| rest.starts_with('/'))
+                path.len() >= prefix.len()
+                    && path.is_char_boundary(prefix.len())
+                    && path[..prefix.len()].eq_ignore_ascii_case(prefix)
+                    && (path.len() == prefix.len() || path[prefix.len()..].starts_with('/'))
             }
             Self::Pattern(segments) => {
                 let mut parts = path.trim_start_matches('/').split('/');
@@ -169,7 +180,7 @@ impl PathMatch {
                         return true;
                     }
                     match parts.next() {
-                        Some(part) if segment == "*" || segment == part => {}
+                        Some(part) if segment == "*" || segment.eq_ignore_ascii_case(part) => {}
                         _ => return false,
                     }
                 }

@@ -415,6 +415,28 @@ async fn a_percent_encoded_path_meets_the_route_it_decodes_to() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_frameworks_route_alike_meet_the_same_route() {
+    let upstream = Upstream::start().await;
+    let gateway = TestGateway::around(
+        &upstream,
+        "[[route]]\npattern = \"/orders/*/items\"\nmethods = [\"POST\"]\npolicy = { key_required = true }\n",
+    )
+    .await;
+    // Express, ASP.NET Core and Spring route these to the `/orders/{id}/items` handler.
+    for path in ["/orders/9/items/", "/Orders/9/ITEMS", "/ORDERS/9/Items/"] {
+        let answer = send(
+            &client(),
+            post(&gateway.url(path), None)
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await;
+        answer.assert_problem(400, "missing-key");
+    }
+    assert_eq!(upstream.total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_methods_in_any_case_match_requests_in_any_case() {
     let upstream = Upstream::start().await;
     // Written in lower case in the file.
