@@ -6,16 +6,14 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use axum::body::Body;
 use common::*;
 use http::Request;
-use idem::{
-    Begin, Fingerprint, Lease, MemoryStore, Record, ScopedKey, Store, StoreError, Stored, Token,
-};
+use idem::testing::FaultyStore;
+use idem::{MemoryStore, Store};
 use idem_cli::config::Overrides;
 use idem_cli::gateway::{Gateway, ServeError, serve_until, serve_with_store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -168,57 +166,7 @@ impl ClosingUpstream {
 
 /// A memory store whose [`Store::fatal_error`] turns `Some` on demand: a store whose
 /// background worker died.
-#[derive(Debug, Default)]
-struct DyingStore {
-    inner: MemoryStore,
-    dead: AtomicBool,
-}
-
-#[async_trait]
-impl Store for DyingStore {
-    async fn begin(
-        &self,
-        key: &ScopedKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Begin, StoreError> {
-        self.inner.begin(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &ScopedKey,
-        token: Token,
-        stored: &Stored,
-        retain: Duration,
-    ) -> Result<std::time::SystemTime, StoreError> {
-        self.inner.complete(key, token, stored, retain).await
-    }
-    async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &ScopedKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Lease, StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
-        self.inner.sweep(limit).await
-    }
-    fn fatal_error(&self) -> Option<String> {
-        self.dead
-            .load(Ordering::SeqCst)
-            .then(|| "the writer thread panicked".to_owned())
-    }
-}
+type DyingStore = FaultyStore<MemoryStore>;
 
 // ---------------------------------------------------------------------------------------
 // Connections and heads
@@ -621,7 +569,7 @@ async fn a_keyed_request_the_upstream_dropped_is_never_run_again() {
 async fn a_store_with_a_fatal_error_stops_the_gateway_with_an_error() {
     let upstream = Upstream::start().await;
     let config = load_config("", upstream_only(&upstream));
-    let store = Arc::new(DyingStore::default());
+    let store = Arc::new(DyingStore::new(MemoryStore::new()));
     let gateway = Gateway::new(&config, Arc::clone(&store) as Arc<dyn Store>).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -639,7 +587,7 @@ async fn a_store_with_a_fatal_error_stops_the_gateway_with_an_error() {
     .await;
     assert_eq!(served.status, 201, "{served:?}");
 
-    store.dead.store(true, Ordering::SeqCst);
+    store.die("the writer thread panicked");
     let ended = tokio::time::timeout(PATIENCE, serving)
         .await
         .expect("the gateway kept serving over a dead store")
@@ -666,7 +614,7 @@ async fn serve_returns_an_error_when_the_store_dies() {
             ..upstream_only(&upstream)
         },
     );
-    let store = Arc::new(DyingStore::default());
+    let store = Arc::new(DyingStore::new(MemoryStore::new()));
     let serving = tokio::spawn(serve_with_store(
         config,
         Arc::clone(&store) as Arc<dyn Store>,
@@ -674,7 +622,7 @@ async fn serve_returns_an_error_when_the_store_dies() {
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!serving.is_finished());
-    store.dead.store(true, Ordering::SeqCst);
+    store.die("the writer thread panicked");
     let ended = tokio::time::timeout(PATIENCE, serving)
         .await
         .expect("serve kept running over a dead store")

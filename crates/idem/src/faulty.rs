@@ -34,6 +34,7 @@ pub struct FaultyStore<S> {
     stall_begins: AtomicBool,
     failing_completes: AtomicU32,
     completes: AtomicU64,
+    fatal: std::sync::Mutex<Option<String>>,
 }
 
 impl<S> FaultyStore<S> {
@@ -45,6 +46,7 @@ impl<S> FaultyStore<S> {
             stall_begins: AtomicBool::new(false),
             failing_completes: AtomicU32::new(0),
             completes: AtomicU64::new(0),
+            fatal: std::sync::Mutex::new(None),
         }
     }
 
@@ -61,6 +63,12 @@ impl<S> FaultyStore<S> {
     /// The next `n` completions fail with a backend error (`u32::MAX`: every one).
     pub fn fail_next_completes(&self, n: u32) {
         self.failing_completes.store(n, Ordering::SeqCst);
+    }
+
+    /// From now on [`Store::fatal_error`] says `reason`, as a store whose background
+    /// worker died would.
+    pub fn die(&self, reason: impl Into<String>) {
+        *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.into());
     }
 
     /// How many completions were asked for, failed ones included.
@@ -136,6 +144,7 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.sweep(limit).await
     }
     fn fatal_error(&self) -> Option<String> {
-        self.inner.fatal_error()
+        let told = self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        told.or_else(|| self.inner.fatal_error())
     }
 }
