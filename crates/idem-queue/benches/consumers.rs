@@ -178,7 +178,9 @@ async fn jetstream_run(n: usize, concurrency: usize, mode: Mode) -> Result<f64> 
                     async move {
                         settle_ok(
                             adapter
-                                .handle(&message, |_| async { Ok::<_, HandlerError>(Bytes::new()) })
+                                .handle(&message, |_, _| async {
+                                    Ok::<_, HandlerError>(Bytes::new())
+                                })
                                 .await
                                 .expect("handle")
                                 .settlement,
@@ -196,7 +198,9 @@ async fn jetstream_run(n: usize, concurrency: usize, mode: Mode) -> Result<f64> 
                     async move {
                         settle_ok(
                             adapter
-                                .handle(&message, |_| async { Ok::<_, HandlerError>(Bytes::new()) })
+                                .handle(&message, |_, _| async {
+                                    Ok::<_, HandlerError>(Bytes::new())
+                                })
                                 .await
                                 .expect("handle")
                                 .settlement,
@@ -214,7 +218,9 @@ async fn jetstream_run(n: usize, concurrency: usize, mode: Mode) -> Result<f64> 
                     async move {
                         settle_ok(
                             adapter
-                                .handle(&message, |_| async { Ok::<_, HandlerError>(Bytes::new()) })
+                                .handle(&message, |_, _| async {
+                                    Ok::<_, HandlerError>(Bytes::new())
+                                })
                                 .await
                                 .expect("handle")
                                 .settlement,
@@ -349,7 +355,7 @@ async fn rabbitmq_run(n: usize, concurrency: usize, mode: Mode) -> Result<f64> {
                     async move {
                         settle_ok(
                             adapter
-                                .handle(&delivery, |_| async {
+                                .handle(&delivery, |_, _| async {
                                     Ok::<_, HandlerError>(Bytes::new())
                                 })
                                 .await
@@ -367,7 +373,7 @@ async fn rabbitmq_run(n: usize, concurrency: usize, mode: Mode) -> Result<f64> {
                     async move {
                         settle_ok(
                             adapter
-                                .handle(&delivery, |_| async {
+                                .handle(&delivery, |_, _| async {
                                     Ok::<_, HandlerError>(Bytes::new())
                                 })
                                 .await
@@ -385,7 +391,7 @@ async fn rabbitmq_run(n: usize, concurrency: usize, mode: Mode) -> Result<f64> {
                     async move {
                         settle_ok(
                             adapter
-                                .handle(&delivery, |_| async {
+                                .handle(&delivery, |_, _| async {
                                     Ok::<_, HandlerError>(Bytes::new())
                                 })
                                 .await

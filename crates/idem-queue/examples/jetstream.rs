@@ -110,13 +110,12 @@ async fn run(js: &jetstream::Context) -> Result<(), Box<dyn std::error::Error>> 
             .ok_or("the consumer ended")??;
         let charged = &mut charged;
         let handled = adapter
-            .handle(&message, |message| async move {
+            .handle(&message, |message, context| async move {
                 let text = std::str::from_utf8(&message.payload).permanent()?;
                 let cents: u32 = text.parse().permanent()?;
-                // The effect: here, a line in a map; in real life, a charge.
-                let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id"));
-                let id = id.map(|v| v.as_str().to_owned()).unwrap_or_default();
-                *charged.entry(id).or_insert(0) += 1;
+                // The effect: here, a line in a map; in real life, a charge that passes
+                // `context.id()` on as the payment provider's idempotency key.
+                *charged.entry(context.id().to_owned()).or_insert(0) += 1;
                 Ok::<_, HandlerError>(format!("charged {cents} cents"))
             })
             .await?;
@@ -132,11 +131,12 @@ async fn run(js: &jetstream::Context) -> Result<(), Box<dyn std::error::Error>> 
         let settled = match handled.settlement {
             Settlement::Ack => "ack".to_owned(),
             Settlement::Retry { delay } => format!("nak, retry in {delay:?}"),
+            Settlement::Defer { delay } => format!("nak, held elsewhere; again in {delay:?}"),
             Settlement::DeadLetter { reason } => format!("term, dead-lettered ({reason})"),
         };
         println!(
             "{:<8} delivery {} -> {what} [{settled}]",
-            handled.id, handled.attempt.delivered
+            handled.id, handled.delivered
         );
     }
 

@@ -5,13 +5,14 @@
 //! AMQP_URL=amqp://user:pass@host:5672/%2f cargo run -p idem-queue --example rabbitmq
 //! ```
 //!
-//! Declares a quorum queue `idem-example-orders` (quorum queues count deliveries in
-//! `x-delivery-count`) whose dead-letter exchange routes to `idem-example-orders-dlq`,
+//! Declares a classic queue `idem-example-orders` (classic queues count no deliveries: the
+//! deduplicator counts failed attempts in its own store) whose dead-letter exchange routes
+//! to `idem-example-orders-dlq`,
 //! and publishes 10 orders with a confirming [`Publisher`] that sets `message_id`; then
 //! every other order again, as a producer retrying after a lost confirm would. A consumer
 //! with a [`Deduplicator`] over a redb file charges each order once and acks the
 //! duplicates without running anything. Order 3's handler fails transiently on every
-//! delivery: after three deliveries it is rejected (the broker moves it to the DLQ) and a
+//! delivery: after three attempts it is rejected (the broker moves it to the DLQ) and a
 //! dead-letter record is written. Both queues are deleted at the end.
 
 use std::collections::BTreeMap;
@@ -52,10 +53,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .queue_declare(DLQ.into(), durable, FieldTable::default())
         .await?;
     let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
     arguments.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString("".into()),
@@ -102,7 +99,7 @@ async fn run(connection: &Connection) -> Result<(), Box<dyn std::error::Error>> 
     );
     let options = RabbitOptions {
         retry: RetryPolicy {
-            max_deliveries: Some(3),
+            max_attempts: Some(3),
             backoff_initial: Duration::from_millis(100),
             ..RetryPolicy::default()
         },
@@ -129,16 +126,14 @@ async fn run(connection: &Connection) -> Result<(), Box<dyn std::error::Error>> 
             .ok_or("the consumer was cancelled")??;
         let charged = &mut charged;
         let handled = adapter
-            .handle(&delivery, |delivery| async move {
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.to_string());
-                if id.as_deref() == Some("order-3") {
-                    return Err(HandlerError::transient("payment provider timed out"));
+            .handle(&delivery, |_delivery, context| async move {
+                if context.id() == "order-3" {
+                    return Err(HandlerError::transient(format!(
+                        "payment provider timed out (attempt {})",
+                        context.attempt()
+                    )));
                 }
-                *charged.entry(id.unwrap_or_default()).or_insert(0) += 1;
+                *charged.entry(context.id().to_owned()).or_insert(0) += 1;
                 Ok(Bytes::from("charged"))
             })
             .await?;
@@ -151,15 +146,20 @@ async fn run(connection: &Connection) -> Result<(), Box<dyn std::error::Error>> 
         };
         let settlement = match handled.settlement {
             Settlement::Ack => "basic.ack".to_owned(),
-            Settlement::Retry { delay } => format!("basic.nack requeue after {delay:?}"),
+            Settlement::Retry { delay } => format!("basic.reject requeue after {delay:?}"),
+            Settlement::Defer { delay } => format!("basic.nack requeue after {delay:?}"),
             Settlement::DeadLetter { .. } => "basic.reject, to the dead-letter exchange".to_owned(),
         };
-        if !matches!(handled.settlement, Settlement::Retry { .. }) {
+        if !matches!(
+            handled.settlement,
+            Settlement::Retry { .. } | Settlement::Defer { .. }
+        ) {
             settled += 1;
         }
+        let attempt = handled.attempt.map_or("-".to_owned(), |n| n.to_string());
         println!(
-            "{:<8} delivery {} -> {what} [{settlement}]",
-            handled.id, handled.attempt.delivered
+            "{:<8} attempt {attempt} -> {what} [{settlement}]",
+            handled.id
         );
     }
 

@@ -6,15 +6,21 @@
 //!
 //! - [`Deduplicator`]: over any idem [`Store`](idem::Store) (memory, redb, Redis,
 //!   Postgres), runs a message's handler once per message id, stores its outcome, and
-//!   answers duplicates from it. Long handlers keep their claim alive; failures are
-//!   retried or, when permanent or out of deliveries, dead-lettered.
+//!   answers duplicates from it. Long handlers keep their claim alive; failed runs are
+//!   counted in the store (any broker, any queue type) and retried or, when permanent or
+//!   out of attempts, dead-lettered. Handlers get a [`MessageContext`] (id, attempt,
+//!   cancellation on a lost claim); panics are caught.
 //! - [`jetstream`] (feature `jetstream`): the NATS JetStream adapter: ids from
-//!   `Nats-Msg-Id`, ack after the outcome is stored, `-NAK` with delay, `+WPI` progress,
-//!   `+TERM` and a dead-letter record after the last delivery; and a publish helper that
-//!   sets `Nats-Msg-Id`.
-//! - [`rabbitmq`] (feature `rabbitmq`): the RabbitMQ adapter: ids from `message_id`,
-//!   `basic.ack` after the outcome is stored, delayed requeue, `x-delivery-count` limits,
-//!   reject and dead-letter record for poison messages; and a confirming publisher.
+//!   `Nats-Msg-Id` (or the stream, sequence and timestamp), confirmed `+ACK` after the
+//!   outcome is stored, `-NAK` with delay, `+WPI` progress, `+TERM` and a dead-letter record
+//!   (and confirmed copy) after the last attempt; and a publish helper that sets
+//!   `Nats-Msg-Id`.
+//! - [`rabbitmq`] (feature `rabbitmq`): the RabbitMQ adapter: ids from `message_id` (a
+//!   delivery without one is dead-lettered, or keyed by a header or its body), checked
+//!   `basic.ack` after the outcome is stored, delayed `basic.reject` for failed runs and
+//!   `basic.nack` for deliveries that never ran, a dead-letter record and a copy confirmed
+//!   before the original is acked, or a reject to the queue's dead-letter exchange; and a
+//!   confirming publisher.
 //! - [`inbox`] (feature `postgres`): the transactional inbox: the message's id is inserted
 //!   in the same Postgres transaction as the handler's writes.
 //!
@@ -79,6 +85,7 @@
 //! # Ok(()) }
 //! ```
 
+mod context;
 mod dead_letter;
 mod dedup;
 mod error;
@@ -93,6 +100,7 @@ pub mod jetstream;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
+pub use context::{Cancellation, MessageContext, PanicPolicy};
 pub use dead_letter::{DeadLetter, DeadLetterEntry, DeadLetterReason};
 pub use dedup::{Claim, Deduplicator, DeliveryAttempt, Held};
 pub use error::{DedupError, HandlerError, ResultExt};

@@ -107,6 +107,15 @@ pub enum Outcome {
         /// Permanent error or out of deliveries.
         reason: DeadLetterReason,
     },
+    /// The handler panicked (the panic was caught). It counts as a failed run; the claim
+    /// was released, or kept until its lease ends by [`PanicPolicy::Hold`](crate::PanicPolicy).
+    /// Redeliver. On the last allowed run a panic is [`Outcome::Failed`] instead.
+    Panicked {
+        /// The panic, as a transient error with its text.
+        error: HandlerError,
+        /// Whether the claim was released (`false`: held until its lease ends).
+        released: bool,
+    },
     /// The claim was lost while the handler ran (its lease ended and another consumer took
     /// the message over), so its outcome was not stored. The handler's result is returned.
     LeaseLost {

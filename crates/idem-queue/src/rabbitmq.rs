@@ -7,31 +7,46 @@
 //! |---|---|
 //! | processed now ([`Outcome::Processed`]) | `basic.ack`, only after the outcome is stored |
 //! | duplicate of a completed message | `basic.ack` (the handler does not run) |
-//! | held by another consumer | held for the holder's lease time left (bounded by [`RetryPolicy`] and [`RabbitOptions::max_hold`]), then `basic.nack` with requeue |
-//! | transient handler error, store error, lease lost | held for [`RetryPolicy::backoff`] (at most `max_hold`), then `basic.nack` with requeue |
-//! | the handler ran but its outcome could not be stored, even retried for [`DedupOptions::complete_for`](crate::DedupOptions::complete_for) ([`Outcome::Unrecorded`]) | as the outcome it could not store: `basic.ack` after a success, dead-letter record and `basic.reject` after a failure for good. Not redelivered: the claim stays held until its lease ends and then lapses without a record, so a redelivery would only run the handler again |
-//! | permanent error, or any error on delivery ≥ `max_deliveries`, or id re-used with another payload | dead-letter record, then `basic.reject` without requeue (the queue's own dead-letter exchange, if it has one, receives the message) |
-//! | duplicate of a message that was dead-lettered | dead-letter record ensured, then `basic.ack` (a second reject would send a second copy to the dead-letter exchange) |
+//! | held by another consumer, store unreachable, claim taken over ([`Settlement::Defer`]) | held for a delay (for a held message, the holder's lease time left within [`RetryPolicy`]'s bounds; at most [`RabbitOptions::max_hold`]), then `basic.nack` with requeue: uses up no attempt, and RabbitMQ 4.3+ does not count it in `x-delivery-count` |
+//! | transient handler error or panic before the last attempt ([`Settlement::Retry`]) | the failed run is counted in the store; held for [`RetryPolicy::backoff`] (at most `max_hold`), then `basic.reject` with requeue (which RabbitMQ 4.3+ counts in `x-delivery-count`, so a quorum queue's `delivery-limit` counts failures too) |
+//! | the handler ran but its outcome could not be stored, even retried for [`DedupOptions::complete_for`](crate::DedupOptions::complete_for) ([`Outcome::Unrecorded`]) | as the outcome it could not store: `basic.ack` after a success, dead letter after a failure for good. Not redelivered after a success: the claim stays held until its lease ends and then lapses without a record, so a redelivery would only run the handler again |
+//! | permanent error, a transient one on attempt ≥ [`RetryPolicy::max_attempts`], id re-used with another payload, no id under [`MissingId::DeadLetter`] | dead-letter record, then: with [`RabbitOptions::dead_letter_copy`], the copy published and **confirmed**, then `basic.ack`; without, `basic.reject` without requeue (the queue's own dead-letter exchange, if it has one, receives the message) |
+//! | duplicate of a message that was dead-lettered | dead-letter record ensured; with `dead_letter_copy` the copy published again (at least once), then `basic.ack`; without, `basic.ack` (a second reject would send a second copy to the dead-letter exchange) |
+//!
+//! **Every settlement is checked**: lapin answers `Ok(false)` for an ack, nack or reject on
+//! a channel that closed (or a delivery already settled); the adapter reports that as
+//! [`SettleError`] ([`SettleFailure::ChannelClosed`]) instead of a [`Handled`] that never
+//! happened. The broker requeues the delivery and the redelivery is deduplicated.
+//!
+//! **Dead-letter copies**: `basic.reject` to a queue's dead-letter exchange is at most once
+//! on classic queues (and on quorum queues unless `dead-letter-strategy` is
+//! `at-least-once`): a copy lost there is gone, though the dead-letter record in the store
+//! remains. [`RabbitOptions::dead_letter_copy`] publishes the copy itself, on a confirming
+//! [`Publisher`], and acknowledges the original only after the broker confirmed the copy:
+//! at least once (a crash in between publishes a second copy, with the same `message_id`).
 //!
 //! RabbitMQ has no delayed requeue: the adapter holds a delivery for the delay before
-//! nacking it, which keeps one prefetch slot busy meanwhile. Size `basic.qos` with that in
-//! mind, or keep `max_hold` short.
+//! requeueing it, which keeps one prefetch slot busy meanwhile. Size `basic.qos` with that
+//! in mind, or keep `max_hold` short.
 //!
 //! AMQP has no progress acknowledgement: a handler that holds a delivery longer than the
 //! broker's `consumer_timeout` (30 minutes by default) gets its channel closed and the
 //! message requeued. The deduplicator still renews its own lease meanwhile, so the
 //! redelivery waits as "in flight" until the handler finishes and then is a duplicate.
 //!
-//! **Delivery counts** ([`DeliveryCount`]) come from the `x-delivery-count` header that
-//! quorum queues add to redelivered messages; without it (classic queues) only the
-//! `redelivered` flag is known, so a delivery counts as the first or the second. Use quorum
-//! queues (or a header of your own) when `max_deliveries` matters.
+//! **Attempts** are counted by the deduplicator, per message id, in the store
+//! ([counting attempts](crate::Deduplicator#counting-attempts)), on every queue type:
+//! classic queues count nothing (only a `redelivered` flag), and before RabbitMQ 4.3 quorum
+//! queues also count the requeues of messages bounced because another consumer held them.
+//! [`DeliveryCount`] only feeds [`Handled::delivered`], for logs. A quorum queue's
+//! `delivery-limit` stays a backstop for messages that crash the process before any
+//! outcome is stored; set it well above `max_attempts`.
 //!
-//! **Message ids** come from the `message_id` property by default ([`RabbitIdSource`]);
-//! a delivery without one cannot be deduplicated and is dead-lettered as permanent (its
-//! record keyed `no-message-id:` and the BLAKE3 hash of its body). Publish
-//! with [`Publisher`], which sets `message_id`, makes messages persistent and waits for the
-//! broker's confirm.
+//! **Message ids** come from the `message_id` property by default ([`RabbitIdSource`]); a
+//! delivery without one follows [`MissingId`]: by default it is dead-lettered as permanent
+//! without running (its record keyed `no-message-id:` and the BLAKE3 hash of its body), or
+//! keyed by a header, or by the hash of its body. Publish with [`Publisher`], which sets
+//! `message_id`, makes messages persistent and waits for the broker's confirm.
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
@@ -56,9 +71,9 @@
 //! while let Some(delivery) = deliveries.next().await {
 //!     let delivery = delivery?;
 //!     let handled = adapter
-//!         .handle(&delivery, |delivery| async move {
-//!             // charge the order in delivery.data ...
-//!             Ok(format!("charged {} bytes", delivery.data.len()))
+//!         .handle(&delivery, |delivery, context| async move {
+//!             // charge the order in delivery.data, with context.id() as the idempotency key
+//!             Ok(format!("charged {} bytes on attempt {}", delivery.data.len(), context.attempt()))
 //!         })
 //!         .await?;
 //!     println!("{} -> {:?}", handled.id, handled.settlement);
@@ -83,7 +98,10 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Confirmation};
 
 use crate::settle::{Handled, RetryPolicy, Settlement, dead_letter_error};
-use crate::{Claim, DeadLetter, Deduplicator, HandlerError, Outcome};
+use crate::{
+    Claim, DeadLetter, DeadLetterReason, Deduplicator, DeliveryAttempt, HandlerError,
+    MessageContext, Outcome,
+};
 
 /// The header quorum queues count deliveries in.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
@@ -143,7 +161,30 @@ impl fmt::Debug for RabbitIdSource {
     }
 }
 
-/// Where a delivery's number comes from.
+/// What becomes of a delivery its [`RabbitIdSource`] yields no id for. Never a silent drop.
+///
+/// ```
+/// use idem_queue::rabbitmq::{MissingId, RabbitOptions};
+///
+/// assert_eq!(RabbitOptions::default().missing_id, MissingId::DeadLetter);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissingId {
+    /// Dead-lettered as permanent without running the handler; its dead-letter record is
+    /// keyed `no-message-id:` and the BLAKE3 hash of its body, and its error says why.
+    #[default]
+    DeadLetter,
+    /// Keyed by this header (string or integer value); a delivery without it either is
+    /// dead-lettered.
+    Header(String),
+    /// Keyed by `body:` and the BLAKE3 hash of the body: a re-published copy is a
+    /// duplicate, and so is any other message with the same body.
+    BodyHash,
+}
+
+/// Where a delivery's number comes from (for [`Handled::delivered`] only: attempts are
+/// counted by the deduplicator).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DeliveryCount {
@@ -213,25 +254,73 @@ fn value_text(value: &AMQPValue) -> Option<String> {
 pub struct RabbitOptions {
     /// Where ids come from (default: the `message_id` property).
     pub id: RabbitIdSource,
-    /// Where delivery numbers come from (default: `x-delivery-count`).
+    /// What becomes of a delivery without an id (default: dead-lettered).
+    pub missing_id: MissingId,
+    /// Where delivery numbers for [`Handled::delivered`] come from (default:
+    /// `x-delivery-count`).
     pub delivery_count: DeliveryCount,
-    /// Redelivery delays and the delivery limit.
+    /// Redelivery delays and the attempt limit.
     pub retry: RetryPolicy,
     /// The longest a delivery is held before being nacked for redelivery (default 5 s).
     pub max_hold: Duration,
     /// Bind the id to the routing key and payload: a re-used id with another payload is
     /// dead-lettered as a mismatch instead of acknowledged as a duplicate.
     pub fingerprint_payload: bool,
+    /// Publish dead letters here yourself, confirmed, before acknowledging the original
+    /// (default: none; `basic.reject` hands them to the queue's dead-letter exchange).
+    pub dead_letter_copy: Option<DeadLetterCopy>,
+}
+
+/// Where a [`RabbitConsumer`] publishes dead-letter copies: on a confirming [`Publisher`],
+/// with the original's `message_id`, body and headers plus `x-idem-dead-letter-reason`,
+/// `-deliveries`, `-origin` and `-error`.
+///
+/// ```no_run
+/// use idem_queue::rabbitmq::{DeadLetterCopy, Publisher, RabbitOptions};
+/// use lapin::{Connection, ConnectionProperties};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let connection =
+///     Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", ConnectionProperties::default()).await?;
+/// let publisher = Publisher::new(connection.create_channel().await?).await?;
+/// let options = RabbitOptions {
+///     dead_letter_copy: Some(DeadLetterCopy::new(publisher, "", "orders.dead")),
+///     ..RabbitOptions::default()
+/// };
+/// # let _ = options;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct DeadLetterCopy {
+    /// The confirming publisher.
+    pub publisher: Publisher,
+    /// The exchange (`""`: the default exchange, routing by queue name).
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
+}
+
+impl DeadLetterCopy {
+    /// Copies to `exchange` with `routing_key`, on `publisher`.
+    pub fn new(publisher: Publisher, exchange: &str, routing_key: &str) -> Self {
+        Self {
+            publisher,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        }
+    }
 }
 
 impl Default for RabbitOptions {
     fn default() -> Self {
         Self {
             id: RabbitIdSource::default(),
+            missing_id: MissingId::default(),
             delivery_count: DeliveryCount::default(),
             retry: RetryPolicy::default(),
             max_hold: Duration::from_secs(5),
             fingerprint_payload: false,
+            dead_letter_copy: None,
         }
     }
 }
@@ -245,9 +334,31 @@ pub struct SettleError {
     pub id: String,
     /// What was being sent.
     pub settlement: Settlement,
-    /// lapin's error.
+    /// Why it failed.
     #[source]
-    pub source: lapin::Error,
+    pub source: SettleFailure,
+}
+
+/// Why a settlement did not reach the broker.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettleFailure {
+    /// lapin answered `Ok(false)`: the channel is closed (or the delivery was settled
+    /// before), so nothing was sent.
+    #[error("the channel is closed (or the delivery was already settled): nothing was sent")]
+    ChannelClosed,
+    /// The channel or connection failed while sending.
+    #[error("the broker connection failed")]
+    Broker(#[source] lapin::Error),
+}
+
+/// lapin's answer to an ack, nack or reject, checked.
+fn settled(answer: Result<bool, lapin::Error>) -> Result<(), SettleFailure> {
+    match answer {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(SettleFailure::ChannelClosed),
+        Err(error) => Err(SettleFailure::Broker(error)),
+    }
 }
 
 /// Handles RabbitMQ deliveries exactly once in effect. See the [module docs](self).
@@ -273,30 +384,43 @@ impl<S: Store> RabbitConsumer<S> {
         &self.options
     }
 
-    /// The id `delivery` is deduplicated by, if it has one.
+    /// The id `delivery` is deduplicated by, if it has one (after [`MissingId`]).
     pub fn message_id(&self, delivery: &Delivery) -> Option<String> {
-        self.options.id.extract(delivery)
+        self.options
+            .id
+            .extract(delivery)
+            .or_else(|| match &self.options.missing_id {
+                MissingId::DeadLetter => None,
+                MissingId::Header(name) => header(delivery.properties.headers().as_ref(), name)
+                    .and_then(value_text)
+                    .filter(|id| !id.is_empty()),
+                MissingId::BodyHash => {
+                    Some(format!("body:{}", blake3::hash(&delivery.data).to_hex()))
+                }
+            })
     }
 
-    /// Which delivery of its message this is, from 1.
+    /// Which delivery of its message this is, from 1, by [`DeliveryCount`] (for logs).
     pub fn delivered(&self, delivery: &Delivery) -> u64 {
         self.options.delivery_count.delivered(delivery)
     }
 
     /// Runs `handler` for `delivery` unless it already ran, then acks, nacks or rejects it
-    /// (see the [module docs](self)). Fails only when the broker could not be told.
+    /// (see the [module docs](self)). The handler gets the delivery and its
+    /// [`MessageContext`]: the id, the attempt number, and a cancellation that fires if the
+    /// claim is lost while it runs. A panic in the handler is caught and counted as a failed
+    /// attempt. Fails only when the broker could not be told.
     pub async fn handle<'d, F, Fut, T>(
         &self,
         delivery: &'d Delivery,
         handler: F,
     ) -> Result<Handled, SettleError>
     where
-        F: FnOnce(&'d Delivery) -> Fut,
+        F: FnOnce(&'d Delivery, MessageContext) -> Fut,
         Fut: Future<Output = Result<T, HandlerError>> + 'd,
         T: Into<Bytes>,
     {
-        let attempt = self.options.retry.attempt(self.delivered(delivery));
-        let id = self.message_id(delivery);
+        let delivered = self.delivered(delivery);
         let origin = format!(
             "amqp exchange={:?} routing_key={:?} delivery_tag={}",
             delivery.exchange.as_str(),
@@ -310,68 +434,126 @@ impl<S: Store> RabbitConsumer<S> {
                 .finish()
         });
 
-        let (id, outcome) = match id {
+        let mut attempt = None;
+        let (id, has_id, outcome) = match self.message_id(delivery) {
             None => {
                 let error = crate::DedupError::InvalidId(idem::KeyError::Empty);
                 // Keyed by content, so redeliveries of one id-less message share a dead letter.
                 let id = format!("no-message-id:{}", blake3::hash(&delivery.data).to_hex());
-                (id, Err(error))
+                (id, false, Err(error))
             }
             Some(id) => {
                 let outcome = match self.dedup.claim(&id, fingerprint.as_ref()).await {
-                    Ok(Claim::Acquired(held)) => held.run(attempt, || handler(delivery)).await,
+                    Ok(Claim::Acquired(held)) => {
+                        attempt = Some(held.attempt());
+                        held.run_in_context(self.options.retry.limit(), |context| {
+                            handler(delivery, context)
+                        })
+                        .await
+                    }
                     Ok(Claim::Duplicate(replay)) => Ok(Outcome::Duplicate(replay)),
                     Ok(Claim::InFlight { retry_after }) => Ok(Outcome::InFlight { retry_after }),
                     Ok(Claim::Mismatch) => Ok(Outcome::Mismatch),
                     Err(error) => Err(error),
                 };
-                (id, outcome)
+                (id, true, outcome)
             }
         };
-        let mut settlement = self.options.retry.settlement(attempt, &outcome);
+        let spacing = DeliveryAttempt::new(attempt.unwrap_or(delivered), None);
+        let mut settlement = self.options.retry.settlement(spacing, &outcome);
+        let defer = Settlement::Defer {
+            delay: self.options.retry.backoff(delivered),
+        };
 
-        let mut already_dead = false;
+        let already_dead = matches!(outcome, Ok(Outcome::Duplicate(_)));
+        let mut letter = None;
         if let Settlement::DeadLetter { reason } = settlement {
-            already_dead = matches!(outcome, Ok(Outcome::Duplicate(_)));
-            let letter = DeadLetter {
+            let error = if has_id {
+                dead_letter_error(&outcome)
+            } else {
+                Some(format!(
+                    "the message has no id ({:?}, then {:?}, found none)",
+                    self.options.id, self.options.missing_id
+                ))
+            };
+            let dead = DeadLetter {
                 id: id.clone(),
-                reason,
-                deliveries: attempt.delivered,
-                error: dead_letter_error(&outcome),
+                reason: if has_id {
+                    reason
+                } else {
+                    DeadLetterReason::Permanent
+                },
+                deliveries: attempt.unwrap_or(delivered),
+                error,
                 origin,
                 payload: Bytes::copy_from_slice(&delivery.data),
             };
-            if let Err(error) = self.dedup.dead_letter(&letter).await {
-                tracing::warn!(%id, %error, "writing a dead letter failed; the message will be redelivered");
-                settlement = Settlement::Retry {
-                    delay: self.options.retry.backoff(attempt.delivered),
-                };
+            match self.dedup.dead_letter(&dead).await {
+                Ok(_) => letter = Some(dead),
+                Err(error) => {
+                    tracing::warn!(%id, %error, "writing a dead letter failed; the message will be redelivered");
+                    settlement = defer;
+                }
             }
         }
 
-        let settled = match settlement {
-            Settlement::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-            Settlement::DeadLetter { .. } if already_dead => {
-                delivery.acker.ack(BasicAckOptions::default()).await
-            }
-            Settlement::DeadLetter { .. } => {
-                delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-            }
+        let result = match settlement {
+            Settlement::Ack => settled(delivery.acker.ack(BasicAckOptions::default()).await),
+            Settlement::DeadLetter { .. } => match (&self.options.dead_letter_copy, letter) {
+                (Some(copy), Some(letter)) => {
+                    // At least once: the copy is confirmed before the original goes.
+                    match publish_copy(copy, delivery, &letter).await {
+                        Ok(()) => settled(delivery.acker.ack(BasicAckOptions::default()).await),
+                        Err(error) => {
+                            // Not acknowledged without its copy: requeued, and dead-lettered
+                            // again (the record is kept) when it comes back.
+                            tracing::warn!(%id, %error, "publishing a dead-letter copy failed; the message is requeued");
+                            settlement = defer;
+                            settled(
+                                delivery
+                                    .acker
+                                    .nack(BasicNackOptions {
+                                        multiple: false,
+                                        requeue: true,
+                                    })
+                                    .await,
+                            )
+                        }
+                    }
+                }
+                _ if already_dead => settled(delivery.acker.ack(BasicAckOptions::default()).await),
+                _ => settled(
+                    delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await,
+                ),
+            },
             Settlement::Retry { delay } => {
                 tokio::time::sleep(delay.min(self.options.max_hold)).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await
+                // `reject`: a failed run, which RabbitMQ 4.3+ counts in x-delivery-count.
+                settled(
+                    delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: true })
+                        .await,
+                )
+            }
+            Settlement::Defer { delay } => {
+                tokio::time::sleep(delay.min(self.options.max_hold)).await;
+                // `nack`: not the message's fault, which RabbitMQ 4.3+ does not count.
+                settled(
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await,
+                )
             }
         };
-        settled.map_err(|source| SettleError {
+        result.map_err(|source| SettleError {
             id: id.clone(),
             settlement,
             source,
@@ -379,10 +561,48 @@ impl<S: Store> RabbitConsumer<S> {
         Ok(Handled {
             id,
             attempt,
+            delivered,
             outcome,
             settlement,
         })
     }
+}
+
+/// Publishes `letter` as a copy of `delivery` and waits for the broker's confirm.
+async fn publish_copy(
+    copy: &DeadLetterCopy,
+    delivery: &Delivery,
+    letter: &DeadLetter,
+) -> Result<(), PublishError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let mut put = |name: &str, value: String| {
+        headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    };
+    put(
+        "x-idem-dead-letter-reason",
+        letter.reason.as_str().to_owned(),
+    );
+    put(
+        "x-idem-dead-letter-deliveries",
+        letter.deliveries.to_string(),
+    );
+    put("x-idem-dead-letter-origin", letter.origin.clone());
+    if let Some(error) = &letter.error {
+        put("x-idem-dead-letter-error", error.clone());
+    }
+    let mut properties = BasicProperties::default().with_headers(headers);
+    if let Some(kind) = delivery.properties.content_type() {
+        properties = properties.with_content_type(kind.clone());
+    }
+    copy.publisher
+        .publish(
+            &copy.exchange,
+            &copy.routing_key,
+            &letter.id,
+            &delivery.data,
+            properties,
+        )
+        .await
 }
 
 /// Why a [`Publisher`] could not publish.

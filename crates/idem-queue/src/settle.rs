@@ -8,19 +8,22 @@ use crate::{DeadLetterReason, DedupError, DeliveryAttempt, Outcome};
 ///
 /// | field | default | meaning |
 /// |---|---|---|
-/// | `max_deliveries` | 5 | a transient failure on this delivery dead-letters the message |
-/// | `backoff_initial` | 1 s | redelivery delay after the first transient failure |
-/// | `backoff_max` | 60 s | the delay doubles per delivery up to this |
+/// | `max_attempts` | 5 | a transient failure (or panic) on this run of the handler dead-letters the message |
+/// | `backoff_initial` | 1 s | redelivery delay after the first failed run |
+/// | `backoff_max` | 60 s | the delay doubles per failed run up to this |
 /// | `in_flight_min` / `in_flight_max` | 100 ms / 30 s | bounds on the redelivery delay of a message another consumer holds (its lease's time left) |
 ///
-/// Deliveries answered "in flight elsewhere" count towards `max_deliveries` on the broker,
-/// but never dead-letter a message by themselves: only a handler failure on (or after) the
-/// last delivery does.
+/// Runs are counted by the [`Deduplicator`](crate::Deduplicator) in its own records, per
+/// message id, not by the broker: deliveries answered "in flight elsewhere", store errors
+/// before the handler ran and lost leases ([`Settlement::Defer`]) do not use up the
+/// budget; only failed runs ([`Settlement::Retry`]) do. That works the same on every
+/// queue type, including RabbitMQ classic queues, which count nothing.
 ///
 /// A handler whose outcome could not be stored ([`Outcome::Unrecorded`]) is settled as that
-/// outcome (acknowledged after a success, dead-lettered after a failure for good), not
-/// redelivered: its claim lapses with its lease and leaves no record, so a redelivery would
-/// only run it again.
+/// outcome: acknowledged after a success (asking for a redelivery would make a second run
+/// certain once the claim lapses; acknowledging leaves only a later copy of the message to
+/// run again), dead-lettered after a failure for good (never acknowledged: if the dead
+/// letter cannot be written either, the message is deferred and comes back).
 ///
 /// ```
 /// use std::time::Duration;
@@ -31,14 +34,15 @@ use crate::{DeadLetterReason, DedupError, DeliveryAttempt, Outcome};
 /// assert_eq!(policy.backoff(3), Duration::from_secs(4));
 /// assert_eq!(policy.backoff(30), Duration::from_secs(60));
 /// assert_eq!(policy.in_flight_delay(Duration::from_millis(5)), Duration::from_millis(100));
+/// assert_eq!(policy.limit().max_deliveries, Some(5));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Deliveries after which a transient failure is final; `None`: retry forever.
-    pub max_deliveries: Option<u64>,
-    /// Delay before the second delivery after a transient failure.
+    /// Runs after which a transient failure is final; `None`: retry forever.
+    pub max_attempts: Option<u64>,
+    /// Delay before the second run after a failed one.
     pub backoff_initial: Duration,
-    /// Longest delay between deliveries after failures.
+    /// Longest delay between runs after failures.
     pub backoff_max: Duration,
     /// Shortest delay before redelivering a message held elsewhere.
     pub in_flight_min: Duration,
@@ -49,7 +53,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            max_deliveries: Some(5),
+            max_attempts: Some(5),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             in_flight_min: Duration::from_millis(100),
@@ -59,12 +63,12 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The delay after a transient failure on delivery `delivered` (1-based): doubling from
-    /// `backoff_initial`, at most `backoff_max`.
-    pub fn backoff(&self, delivered: u64) -> Duration {
-        let doublings = delivered.saturating_sub(1).min(32) as u32;
+    /// The delay after failed run `attempt` (1-based): doubling from `backoff_initial`, at
+    /// most `backoff_max`.
+    pub fn backoff(&self, attempt: u64) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(31) as u32;
         self.backoff_initial
-            .saturating_mul(1u32 << doublings.min(31))
+            .saturating_mul(1u32 << doublings)
             .min(self.backoff_max)
     }
 
@@ -76,18 +80,36 @@ impl RetryPolicy {
         )
     }
 
-    /// The attempt a delivery numbered `delivered` is under this policy.
-    pub fn attempt(&self, delivered: u64) -> DeliveryAttempt {
-        DeliveryAttempt::new(delivered.max(1), self.max_deliveries)
+    /// The limit to run a message's handler under: numbered by the deduplicator's count.
+    pub fn limit(&self) -> DeliveryAttempt {
+        DeliveryAttempt::limit(self.max_attempts)
     }
 
-    /// What to tell the broker about a delivery with this outcome.
+    /// What to tell the broker about a delivery with this outcome. `attempt.delivered` only
+    /// spaces out redeliveries: the run's number if the handler ran, else the broker's
+    /// delivery number (so repeated store errors back off); whether a run was the last is
+    /// already in the outcome.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_queue::{DeliveryAttempt, Outcome, RetryPolicy, Settlement};
+    ///
+    /// let policy = RetryPolicy::default();
+    /// let in_flight = Ok(Outcome::InFlight { retry_after: Duration::from_secs(2) });
+    /// assert_eq!(
+    ///     policy.settlement(DeliveryAttempt::new(7, Some(5)), &in_flight),
+    ///     Settlement::Defer { delay: Duration::from_secs(2) },
+    /// );
+    /// ```
     pub fn settlement(
         &self,
         attempt: DeliveryAttempt,
         outcome: &Result<Outcome, DedupError>,
     ) -> Settlement {
-        let backoff = Settlement::Retry {
+        let retry = Settlement::Retry {
+            delay: self.backoff(attempt.delivered),
+        };
+        let defer = Settlement::Defer {
             delay: self.backoff(attempt.delivered),
         };
         match outcome {
@@ -96,14 +118,14 @@ impl RetryPolicy {
                 None => Settlement::Ack,
                 Some(reason) => Settlement::DeadLetter { reason },
             },
-            Ok(Outcome::InFlight { retry_after }) => Settlement::Retry {
+            Ok(Outcome::InFlight { retry_after }) => Settlement::Defer {
                 delay: self.in_flight_delay(*retry_after),
             },
             Ok(Outcome::Mismatch) => Settlement::DeadLetter {
                 reason: DeadLetterReason::Mismatch,
             },
             Ok(Outcome::Failed { reason, .. }) => Settlement::DeadLetter { reason: *reason },
-            // The handler ran; its claim stays held until the lease ends and then expires
+            // The handler ran; its claim stays held until the lease ends and then lapses
             // without a record, so a redelivery could only run it again. Settle it as the
             // outcome that could not be stored.
             Ok(Outcome::Unrecorded { result: Ok(_), .. }) => Settlement::Ack,
@@ -116,11 +138,13 @@ impl RetryPolicy {
                     DeadLetterReason::MaxDeliveries
                 },
             },
-            Ok(Outcome::Released { .. } | Outcome::LeaseLost { .. }) => backoff,
+            Ok(Outcome::Released { .. } | Outcome::Panicked { .. }) => retry,
+            // Taken over: the new holder's run is the one that counts.
+            Ok(Outcome::LeaseLost { .. }) => defer,
             Err(DedupError::InvalidId(_)) => Settlement::DeadLetter {
                 reason: DeadLetterReason::Permanent,
             },
-            Err(_) => backoff,
+            Err(_) => defer,
         }
     }
 }
@@ -130,14 +154,25 @@ impl RetryPolicy {
 pub enum Settlement {
     /// Acknowledged: the broker forgets the message.
     Ack,
-    /// Handed back for redelivery after `delay` (JetStream: `-NAK` with that delay;
-    /// RabbitMQ: held for `delay`, then `basic.nack` with requeue).
+    /// The handler failed (or panicked) on a run that was not the last: handed back for
+    /// another run after `delay` (JetStream: `-NAK` with that delay; RabbitMQ: held for
+    /// `delay`, then `basic.reject` with requeue, which RabbitMQ 4.3+ counts in
+    /// `x-delivery-count`). The run is counted in the deduplicator's records.
     Retry {
         /// How long until the redelivery.
         delay: Duration,
     },
-    /// Given up on: a dead-letter record was written, and the message was terminated
-    /// (JetStream `+TERM`) or rejected without requeue (RabbitMQ).
+    /// Handed back without the handler having failed: another consumer holds the message,
+    /// the store could not be reached, or the claim was taken over (JetStream: `-NAK` with
+    /// `delay`; RabbitMQ: held for `delay`, then `basic.nack` with requeue, which RabbitMQ
+    /// 4.3+ does not count). Uses up none of [`RetryPolicy::max_attempts`].
+    Defer {
+        /// How long until the redelivery.
+        delay: Duration,
+    },
+    /// Given up on: a dead-letter record was written (and, if configured, a copy published
+    /// and confirmed), then the message was terminated (JetStream `+TERM`), rejected
+    /// without requeue or acknowledged (RabbitMQ; see its module docs).
     DeadLetter {
         /// Why.
         reason: DeadLetterReason,
@@ -149,8 +184,13 @@ pub enum Settlement {
 pub struct Handled {
     /// The message id used as the key.
     pub id: String,
-    /// Which delivery this was.
-    pub attempt: DeliveryAttempt,
+    /// Which run of the handler this was, by the deduplicator's count; `None` if the
+    /// handler did not run (a duplicate, in flight elsewhere, a store error).
+    pub attempt: Option<u64>,
+    /// The broker's delivery number (JetStream `delivered`; RabbitMQ `x-delivery-count` plus
+    /// one, or the `redelivered` flag), for logs: it also counts deliveries that never ran
+    /// the handler, and decides nothing.
+    pub delivered: u64,
     /// What the deduplicator found or did.
     pub outcome: Result<Outcome, DedupError>,
     /// What the broker was told.

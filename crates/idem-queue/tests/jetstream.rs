@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use idem::testing::FailingStore;
 use idem::{MemoryStore, Scope};
 use idem_queue::async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use idem_queue::async_nats::jetstream::{self, Context, stream};
 use idem_queue::inbox::{Inbox, InboxOutcome};
-use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions, publish_with_headers};
+use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions, MissingId, publish_with_headers};
 use idem_queue::{
     Claim, DeadLetterReason, DedupOptions, Deduplicator, HandlerError, Outcome, RetryPolicy,
     Settlement, async_nats,
@@ -89,7 +90,7 @@ async fn drained(consumer: &PullConsumer) -> bool {
 
 fn fast_retries() -> RetryPolicy {
     RetryPolicy {
-        max_deliveries: Some(3),
+        max_attempts: Some(3),
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
         in_flight_min: Duration::from_millis(50),
@@ -191,7 +192,7 @@ async fn thousand_messages_delivered_many_times_have_one_effect_each() {
                 0..=6 => {
                     let effects = Arc::clone(&effects);
                     let handled = adapter
-                        .handle(&message, |_| async move {
+                        .handle(&message, |_, _| async move {
                             effects.record(&effects.pool, &id, "A").await?;
                             Ok::<_, HandlerError>(Bytes::new())
                         })
@@ -241,7 +242,7 @@ async fn thousand_messages_delivered_many_times_have_one_effect_each() {
                         let Ok(message) = message else { return };
                         let id = adapter.message_id(&message).unwrap();
                         let handled = adapter
-                            .handle(&message, |_| async move {
+                            .handle(&message, |_, _| async move {
                                 effects.record(&effects.pool, &id, "B").await?;
                                 Ok::<_, HandlerError>(Bytes::new())
                             })
@@ -446,7 +447,7 @@ async fn a_poison_message_is_dead_lettered_after_max_deliveries() {
                 .and_then(|h| h.get("kind"))
                 .map(|v| v.as_str().to_owned());
             let handled = adapter
-                .handle(&message, |_| async move {
+                .handle(&message, |_, _| async move {
                     match kind.as_deref() {
                         Some("poison") => {
                             Err(HandlerError::transient("the poison fails every time"))
@@ -458,7 +459,7 @@ async fn a_poison_message_is_dead_lettered_after_max_deliveries() {
                 .await
                 .unwrap();
             if handled.id == "poison" {
-                poison_deliveries.push(handled.attempt.delivered);
+                poison_deliveries.push(handled.attempt.expect("the handler ran"));
             }
             settlements.push((handled.id, handled.settlement));
         }
@@ -544,7 +545,7 @@ async fn a_long_handler_sends_progress_and_is_not_redelivered() {
         .unwrap();
     // Three times AckWait, and five leases.
     let handled = adapter
-        .handle(&message, |_| async {
+        .handle(&message, |_, _| async {
             tokio::time::sleep(Duration::from_secs(3)).await;
             Ok("slow but done")
         })
@@ -560,4 +561,290 @@ async fn a_long_handler_sends_progress_and_is_not_redelivered() {
     );
     let info = consumer.get_info().await.unwrap();
     assert_eq!((info.num_redelivered, info.num_ack_pending), (0, 0));
+}
+
+async fn next_message(messages: &mut pull::Stream) -> jetstream::Message {
+    tokio::time::timeout(PATIENCE, messages.next())
+        .await
+        .expect("a message in time")
+        .expect("stream open")
+        .expect("message")
+}
+
+/// Publishes `payload` to `subject` without `Nats-Msg-Id`.
+async fn publish_without_id(js: &Context, subject: &str, payload: &'static str) {
+    js.publish(subject.to_owned(), payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+// Fails with the old fallback `seq:<n>`: a recreated stream's first message, and another
+// stream's first message on the same scope, were acked as duplicates and never handled;
+// and fails when every id-less message is keyed alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_without_an_id_are_keyed_by_stream_and_incarnation() {
+    let name = suffix();
+    let (stream_name, prefix) = (format!("IDEMQ_NOID_{name}"), format!("idemq.noid.{name}"));
+    let (other_name, other_prefix) = (format!("IDEMQ_NOID2_{name}"), format!("idemq.noid2.{name}"));
+    let js = jetstream().await;
+    let dedup = Deduplicator::new(Arc::new(MemoryStore::new()), Scope::new("shared"));
+    let adapter = JetStreamConsumer::new(dedup.clone(), JetStreamOptions::default());
+    let mut ids = Vec::new();
+
+    let handle_one = async |stream: &str, prefix: &str, payload: &'static str| {
+        publish_without_id(&js, &format!("{prefix}.x"), payload).await;
+        let consumer = durable(&js, stream, "c", Duration::from_secs(5)).await;
+        let mut messages = consumer.messages().await.unwrap();
+        let message = next_message(&mut messages).await;
+        assert_eq!(message.info().unwrap().stream_sequence, 1);
+        let handled = adapter
+            .handle(&message, |message, context| async move {
+                assert_eq!(context.attempt(), 1);
+                Ok::<_, HandlerError>(message.payload.clone())
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(handled.outcome, Ok(Outcome::Processed { .. })),
+            "{payload}: {handled:?}"
+        );
+        handled.id
+    };
+
+    {
+        let _stream = test_stream(&js, &stream_name, &prefix, Duration::from_secs(60)).await;
+        ids.push(handle_one(&stream_name, &prefix, "first incarnation").await);
+    }
+    // The guard deleted the stream; the same name again, sequence 1 again.
+    {
+        let _stream = test_stream(&js, &stream_name, &prefix, Duration::from_secs(60)).await;
+        ids.push(handle_one(&stream_name, &prefix, "second incarnation").await);
+    }
+    {
+        let _stream = test_stream(&js, &other_name, &other_prefix, Duration::from_secs(60)).await;
+        ids.push(handle_one(&other_name, &other_prefix, "another stream").await);
+    }
+    assert!(ids.iter().all(|id| id.starts_with("js:")), "{ids:?}");
+    assert!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+        "{ids:?}"
+    );
+    assert!(ids[2].contains(&other_name));
+}
+
+// `MissingId::DeadLetter`: refused without running, with a dead letter of its own each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_without_an_id_can_be_refused_each_with_its_own_dead_letter() {
+    let name = suffix();
+    let (stream_name, prefix) = (format!("IDEMQ_{name}"), format!("idemq.{name}"));
+    let js = jetstream().await;
+    let _stream = test_stream(&js, &stream_name, &prefix, Duration::from_secs(60)).await;
+    publish_without_id(&js, &format!("{prefix}.x"), "one").await;
+    publish_without_id(&js, &format!("{prefix}.x"), "two").await;
+    let dedup = Deduplicator::new(
+        Arc::new(MemoryStore::new()),
+        Scope::new(stream_name.clone()),
+    );
+    let adapter = JetStreamConsumer::new(
+        dedup.clone(),
+        JetStreamOptions {
+            missing_id: MissingId::DeadLetter,
+            ..JetStreamOptions::default()
+        },
+    );
+    let consumer = durable(&js, &stream_name, "c", Duration::from_secs(5)).await;
+    let mut messages = consumer.messages().await.unwrap();
+    let mut ids = Vec::new();
+    for payload in ["one", "two"] {
+        let message = next_message(&mut messages).await;
+        let handled = adapter
+            .handle(&message, |_, _| async {
+                panic!("an id-less message must not run");
+                #[allow(unreachable_code)]
+                Ok::<_, HandlerError>("")
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            handled.settlement,
+            Settlement::DeadLetter {
+                reason: DeadLetterReason::Permanent
+            }
+        );
+        let letter = dedup
+            .dead_letter_record(&handled.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(letter.payload, payload);
+        assert!(letter.error.unwrap().contains("no id"));
+        ids.push(handled.id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    assert!(eventually(PATIENCE, || drained(&consumer)).await);
+}
+
+// Fails when the server's `delivered` decides the limit: four `-NAK`s while another consumer
+// held the message would leave the handler no attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naks_while_another_consumer_holds_the_message_use_no_attempts() {
+    let name = suffix();
+    let (stream_name, prefix) = (format!("IDEMQ_{name}"), format!("idemq.{name}"));
+    let js = jetstream().await;
+    let _stream = test_stream(&js, &stream_name, &prefix, Duration::from_secs(60)).await;
+    publish_all(&js, &format!("{prefix}.x"), 0..1, true).await;
+    let dedup = Deduplicator::new(
+        Arc::new(MemoryStore::new()),
+        Scope::new(stream_name.clone()),
+    );
+    let Claim::Acquired(elsewhere) = dedup.claim("m-0", None).await.unwrap() else {
+        panic!("claimed")
+    };
+    let adapter = JetStreamConsumer::new(
+        dedup.clone(),
+        JetStreamOptions {
+            retry: RetryPolicy {
+                max_attempts: Some(2),
+                ..fast_retries()
+            },
+            ..JetStreamOptions::default()
+        },
+    );
+    let consumer = durable(&js, &stream_name, "c", Duration::from_secs(5)).await;
+    let mut messages = consumer.messages().await.unwrap();
+    for _ in 0..4 {
+        let message = next_message(&mut messages).await;
+        let handled = adapter
+            .handle(&message, |_, _| async { Ok::<_, HandlerError>("never") })
+            .await
+            .unwrap();
+        assert!(
+            matches!(handled.settlement, Settlement::Defer { .. }),
+            "{handled:?}"
+        );
+    }
+    elsewhere.release().await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let message = next_message(&mut messages).await;
+        let handled = adapter
+            .handle(&message, |_, _| async {
+                Err::<Bytes, _>(HandlerError::transient("down"))
+            })
+            .await
+            .unwrap();
+        seen.push((handled.attempt, handled.delivered, handled.settlement));
+        if matches!(handled.settlement, Settlement::DeadLetter { .. }) {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![Some(1), Some(2)],
+        "{seen:?}"
+    );
+    assert_eq!(seen[0].1, 5, "the server counted the naks");
+    assert_eq!(
+        dedup
+            .dead_letter_record("m-0")
+            .await
+            .unwrap()
+            .unwrap()
+            .deliveries,
+        2
+    );
+}
+
+// A handler that panics is caught: the attempt counts, the claim is released, the message
+// is nak'ed and its next attempt runs. Fails when a panic takes the consumer down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_is_caught_counted_and_retried() {
+    let name = suffix();
+    let (stream_name, prefix) = (format!("IDEMQ_{name}"), format!("idemq.{name}"));
+    let js = jetstream().await;
+    let _stream = test_stream(&js, &stream_name, &prefix, Duration::from_secs(60)).await;
+    publish_all(&js, &format!("{prefix}.x"), 0..1, true).await;
+    let dedup = Deduplicator::new(
+        Arc::new(MemoryStore::new()),
+        Scope::new(stream_name.clone()),
+    );
+    let adapter = JetStreamConsumer::new(
+        dedup.clone(),
+        JetStreamOptions {
+            retry: fast_retries(),
+            ..JetStreamOptions::default()
+        },
+    );
+    let consumer = durable(&js, &stream_name, "c", Duration::from_secs(5)).await;
+    let mut messages = consumer.messages().await.unwrap();
+    let message = next_message(&mut messages).await;
+    let handled = adapter
+        .handle(&message, |_, context| async move {
+            if context.attempt() == 1 {
+                panic!("bug on attempt {}", context.attempt());
+            }
+            Ok::<_, HandlerError>("fine")
+        })
+        .await
+        .unwrap();
+    match &handled.outcome {
+        Ok(Outcome::Panicked { error, released }) => {
+            assert!(error.to_string().contains("bug on attempt 1"), "{error}");
+            assert!(released);
+        }
+        other => panic!("expected a caught panic, got {other:?}"),
+    }
+    assert!(matches!(handled.settlement, Settlement::Retry { .. }));
+    assert_eq!(dedup.failed_attempts("m-0").await.unwrap(), 1);
+
+    let message = next_message(&mut messages).await;
+    let handled = adapter
+        .handle(&message, |_, context| async move {
+            assert_eq!(context.attempt(), 2);
+            Ok::<_, HandlerError>("fine")
+        })
+        .await
+        .unwrap();
+    assert!(matches!(handled.outcome, Ok(Outcome::Processed { .. })));
+    assert_eq!(handled.settlement, Settlement::Ack);
+    assert!(eventually(PATIENCE, || drained(&consumer)).await);
+}
+
+// A store that cannot be reached: nothing runs, nothing is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_reached_naks_and_runs_nothing() {
+    let name = suffix();
+    let (stream_name, prefix) = (format!("IDEMQ_{name}"), format!("idemq.{name}"));
+    let js = jetstream().await;
+    let _stream = test_stream(&js, &stream_name, &prefix, Duration::from_secs(60)).await;
+    publish_all(&js, &format!("{prefix}.x"), 0..1, true).await;
+    let adapter = JetStreamConsumer::new(
+        Deduplicator::new(FailingStore::default(), Scope::new(stream_name.clone())),
+        JetStreamOptions {
+            retry: fast_retries(),
+            ..JetStreamOptions::default()
+        },
+    );
+    let consumer = durable(&js, &stream_name, "c", Duration::from_secs(5)).await;
+    let mut messages = consumer.messages().await.unwrap();
+    for delivered in 1..=3 {
+        let message = next_message(&mut messages).await;
+        let handled = adapter
+            .handle(&message, |_, _| async {
+                panic!("must not run without a claim");
+                #[allow(unreachable_code)]
+                Ok::<_, HandlerError>("")
+            })
+            .await
+            .unwrap();
+        assert_eq!(handled.delivered, delivered);
+        assert!(
+            matches!(handled.settlement, Settlement::Defer { .. }),
+            "{handled:?}"
+        );
+    }
+    let info = consumer.get_info().await.unwrap();
+    assert_eq!(info.num_ack_pending as u64 + info.num_pending, 1);
 }
