@@ -151,9 +151,26 @@ impl MessageContext {
 /// last attempt, dead-lettered).
 ///
 /// ```
-/// use idem_queue::PanicPolicy;
+/// use idem::{MemoryStore, Scope};
+/// use idem_queue::{Deduplicator, Outcome, PanicPolicy};
 ///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// assert_eq!(PanicPolicy::default(), PanicPolicy::Release);
+/// let dedup = Deduplicator::new(MemoryStore::new(), Scope::new("s")).with_panic_policy(PanicPolicy::Hold);
+/// let outcome = dedup
+///     .process("m", || async {
+///         if true {
+///             panic!("after the effect?");
+///         }
+///         Ok("")
+///     })
+///     .await?;
+/// assert!(matches!(outcome, Outcome::Panicked { released: false, .. }));
+/// // Held until the lease ends: a redelivery meanwhile does not run it.
+/// let again = dedup.process("m", || async { Ok("not yet") }).await?;
+/// assert!(matches!(again, Outcome::InFlight { .. }));
+/// assert_eq!(dedup.failed_attempts("m").await?, 1);
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]

@@ -20,7 +20,9 @@ use idem_queue::lapin::options::{
 use idem_queue::lapin::protocol::BasicProperties;
 use idem_queue::lapin::types::{AMQPValue, FieldTable, ShortString};
 use idem_queue::lapin::{Channel, Connection, ConnectionProperties, Consumer};
-use idem_queue::rabbitmq::{MissingId, Publisher, RabbitConsumer, RabbitOptions, SettleFailure};
+use idem_queue::rabbitmq::{
+    DeadLetterCopy, MissingId, Publisher, RabbitConsumer, RabbitOptions, SettleFailure,
+};
 use idem_queue::{
     Claim, DeadLetterReason, DedupOptions, Deduplicator, HandlerError, Outcome, RetryPolicy,
     Settlement,
@@ -1165,4 +1167,68 @@ async fn a_takeover_while_a_handler_runs_cancels_it_and_the_effect_happens_once(
     assert_eq!(redelivered.unwrap(), Settlement::Ack);
     assert_eq!(effects.load(Ordering::SeqCst), 1, "one effect");
     assert_eq!(message_count(publisher.channel(), &queue).await, 0);
+}
+
+// With `dead_letter_copy` the adapter publishes the copy itself, confirmed, and acks the
+// original only then; a duplicate of the dead letter publishes it again (at least once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_is_confirmed_before_the_original_is_acked() {
+    let name = suffix();
+    let queue = format!("idemq-copy-{name}");
+    let dlq = format!("idemq-copy-{name}-dlq");
+    let _queues = delete_queues_on_drop(vec![queue.clone(), dlq.clone()]);
+    let connection = connect().await;
+    let publisher = Publisher::new(connection.create_channel().await.unwrap())
+        .await
+        .unwrap();
+    // No dead-letter exchange on the work queue: a reject would lose the message.
+    declare(publisher.channel(), &queue, &[]).await;
+    declare(publisher.channel(), &dlq, &[]).await;
+    for _ in 0..2 {
+        publisher
+            .publish("", &queue, "bad", b"x", BasicProperties::default())
+            .await
+            .unwrap();
+    }
+    let copies = Publisher::new(connection.create_channel().await.unwrap())
+        .await
+        .unwrap();
+    let dedup = Deduplicator::new(Arc::new(MemoryStore::new()), Scope::new(queue.clone()));
+    let adapter = RabbitConsumer::new(
+        dedup,
+        RabbitOptions {
+            dead_letter_copy: Some(DeadLetterCopy::new(copies, "", &dlq)),
+            ..RabbitOptions::default()
+        },
+    );
+    let (channel, mut deliveries) = consume(&connection, &queue, 1).await;
+    for _ in 0..2 {
+        let delivery = next_delivery(&mut deliveries).await;
+        let handled = adapter
+            .handle(&delivery, |_, _| async {
+                Err::<Bytes, _>(HandlerError::permanent("cannot parse"))
+            })
+            .await
+            .unwrap();
+        assert!(matches!(handled.settlement, Settlement::DeadLetter { .. }));
+    }
+    assert!(
+        eventually(PATIENCE, || async {
+            message_count(&channel, &dlq).await == 2
+        })
+        .await
+    );
+    assert_eq!(message_count(&channel, &queue).await, 0);
+    let copy = channel
+        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("a copy");
+    let properties = &copy.delivery.properties;
+    assert_eq!(properties.message_id().as_ref().unwrap().as_str(), "bad");
+    let headers = properties.headers().as_ref().unwrap();
+    assert!(matches!(
+        headers.inner().get("x-idem-dead-letter-reason"),
+        Some(AMQPValue::LongString(reason)) if reason.to_string() == "permanent"
+    ));
 }
