@@ -119,7 +119,7 @@ use sqlx::{Connection, PgPool, Row};
 
 pub use sqlx;
 
-use crate::schema::TableName;
+pub use crate::schema::TableName;
 use crate::statements::Statements;
 
 /// The table name used unless [`PostgresOptions::table`] says otherwise.

@@ -16,9 +16,26 @@ pub(crate) const VERSIONS_TABLE: &str = "idem_schema_versions";
 const MAX_TABLE_LEN: usize = 48;
 const MAX_SCHEMA_LEN: usize = 63;
 
-/// A validated, optionally schema-qualified table name.
+/// A validated, optionally schema-qualified table name: `name` or `schema.name`, each part
+/// lowercase ASCII letters, digits and `_`, not starting with a digit or `pg_`; the table
+/// part at most 48 characters (so names derived from it, such as an index's, fit Postgres'
+/// 63), the schema at most 63. Such a name never needs escaping, and is always quoted.
+///
+/// Public so that other crates keeping tables beside the store's (the `idem-queue` inbox)
+/// apply the same rules.
+///
+/// ```
+/// use idem_postgres::TableName;
+///
+/// let table = TableName::parse("billing.processed").unwrap();
+/// assert_eq!(table.table(), "\"billing\".\"processed\"");
+/// assert_eq!(table.name(), "processed");
+/// assert_eq!(table.display(), "billing.processed");
+/// assert!(TableName::parse("Processed").is_err());
+/// assert!(TableName::parse("x; DROP TABLE y").is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TableName {
+pub struct TableName {
     schema: Option<String>,
     name: String,
 }
@@ -47,8 +64,9 @@ fn check_identifier(part: &str, max: usize) -> Result<(), &'static str> {
 }
 
 impl TableName {
-    /// Validates `table` or `schema.table`.
-    pub(crate) fn parse(text: &str) -> Result<Self, ConnectError> {
+    /// Validates `table` or `schema.table`; the error is [`ConnectError::InvalidTable`],
+    /// with the reason.
+    pub fn parse(text: &str) -> Result<Self, ConnectError> {
         let invalid = |reason| ConnectError::InvalidTable {
             name: text.to_owned(),
             reason,
@@ -77,8 +95,8 @@ impl TableName {
         }
     }
 
-    /// The table, quoted for SQL.
-    pub(crate) fn table(&self) -> String {
+    /// The table, quoted for SQL (with its schema, if it has one).
+    pub fn table(&self) -> String {
         self.qualify(&self.name)
     }
 
@@ -92,8 +110,13 @@ impl TableName {
         self.qualify(VERSIONS_TABLE)
     }
 
+    /// The table's own name, without its schema or quotes.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The unquoted name as given, for display and lock names.
-    pub(crate) fn display(&self) -> String {
+    pub fn display(&self) -> String {
         match &self.schema {
             Some(schema) => format!("{schema}.{}", self.name),
             None => self.name.clone(),

@@ -75,6 +75,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use idem_postgres::{ConnectError, TableName};
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, PgPool};
 
@@ -85,15 +86,16 @@ pub const DEFAULT_TABLE: &str = "idem_inbox";
 /// each run once.
 pub const DEFAULT_SCOPE: &str = "default";
 
-/// A table name that is not a plain (optionally schema-qualified) SQL identifier.
+/// A table name the Postgres store would refuse for its own table
+/// ([`idem_postgres::TableName`]): `name` or `schema.name`, lowercase ASCII letters, digits
+/// and `_`, not starting with a digit or `pg_`, the table part at most 48 characters.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid inbox table name {name:?}: use letters, digits and `_` (not first), at most 63 \
-     characters, optionally `schema.table`"
-)]
+#[error("invalid inbox table name {name:?}: {reason}")]
 pub struct TableNameError {
     /// The rejected name.
     pub name: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
 }
 
 /// How long a claim waits for another transaction holding the same id
@@ -198,20 +200,16 @@ struct Statements {
 
 impl Statements {
     fn new(table: &str) -> Result<Self, TableNameError> {
-        let bad = || TableNameError {
+        // The Postgres store's rules, so that one naming policy covers both tables.
+        let name = TableName::parse(table).map_err(|error| TableNameError {
             name: table.to_owned(),
-        };
-        let parts: Vec<&str> = table.split('.').collect();
-        if parts.len() > 2 || !parts.iter().all(|part| is_identifier(part)) {
-            return Err(bad());
-        }
-        let quoted = parts
-            .iter()
-            .map(|part| format!("\"{part}\""))
-            .collect::<Vec<_>>()
-            .join(".");
-        let bare = parts[parts.len() - 1];
-        let index = format!("\"{}_processed_at_idx\"", truncate(bare, 63 - 17));
+            reason: match error {
+                ConnectError::InvalidTable { reason, .. } => reason,
+                _ => "not a valid table name",
+            },
+        })?;
+        let quoted = name.table();
+        let index = format!("\"{}_processed_at_idx\"", truncate(name.name(), 63 - 17));
         Ok(Self {
             table: table.to_owned(),
             claim: format!(
@@ -239,13 +237,6 @@ impl Statements {
             ],
         })
     }
-}
-
-fn is_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && name.len() <= 63
 }
 
 /// `timeout` as Postgres's `lock_timeout`: whole milliseconds, rounded up, at least 1 (0
