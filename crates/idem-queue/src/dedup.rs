@@ -361,6 +361,19 @@ impl<S: Store> Deduplicator<S> {
             .map_err(DedupError::Store)?;
         Ok(match begin {
             Begin::Acquired(lease) => {
+                // Counted before the renewal starts: `Holder::start` yields so its task gets a
+                // first turn just before the handler runs, which a store round trip in
+                // between would undo (a handler that blocks its thread could starve it).
+                let failures = match self.failed_attempts(id).await {
+                    Ok(failures) => failures,
+                    Err(error) => {
+                        // Nothing ran: give the message back for a later delivery.
+                        if let Err(release) = self.inner.store.release(&key, lease.token).await {
+                            tracing::warn!(%id, error = %release, "releasing a claim failed");
+                        }
+                        return Err(error);
+                    }
+                };
                 let holder = Holder::start(
                     Arc::clone(&self.inner.store),
                     key,
@@ -368,16 +381,6 @@ impl<S: Store> Deduplicator<S> {
                     self.inner.options.hold_options(),
                 )
                 .await;
-                let failures = match self.failed_attempts(id).await {
-                    Ok(failures) => failures,
-                    Err(error) => {
-                        // Nothing ran: give the message back for a later delivery.
-                        if let Err(release) = holder.release().await {
-                            tracing::warn!(%id, error = %release, "releasing a claim failed");
-                        }
-                        return Err(error);
-                    }
-                };
                 Claim::Acquired(Held {
                     dedup: self.clone(),
                     holder,
@@ -680,6 +683,9 @@ impl<S: Store> Held<S> {
                 cancellation.cancel();
             }
         });
+        // A task spawned last runs next on this worker and cannot be stolen from it: give
+        // the relay its first turn before a handler that may block this thread.
+        tokio::task::yield_now().await;
         let result = AssertUnwindSafe(async move { handler(context).await.map(Into::into) })
             .catch_unwind()
             .await;

@@ -848,3 +848,62 @@ async fn a_store_that_cannot_be_reached_naks_and_runs_nothing() {
     let info = consumer.get_info().await.unwrap();
     assert_eq!(info.num_ack_pending as u64 + info.num_pending, 1);
 }
+
+// The cancellation is relayed from a task of its own: a handler that blocks its thread
+// (polling `is_cancelled`) still learns that its claim was taken over. Fails when the relay
+// is spawned without a first turn before the handler blocks (it would sit, unstealable,
+// behind the blocked thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_its_thread_still_sees_its_claim_lost() {
+    let shared = Arc::new(MemoryStore::new());
+    let faulty = Arc::new(idem::testing::FaultyStore::new(Arc::clone(&shared)));
+    let options = DedupOptions {
+        lease: Duration::from_millis(300),
+        store_timeout: Duration::from_millis(50),
+        complete_for: Duration::from_millis(200),
+        ..DedupOptions::default()
+    };
+    let scope = Scope::new(format!("blocking-{}", suffix()));
+    let a =
+        Deduplicator::with_options(Arc::clone(&faulty), scope.clone(), options.clone()).unwrap();
+    let b = Deduplicator::with_options(shared, scope, options).unwrap();
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = {
+        let (faulty, started) = (Arc::clone(&faulty), Arc::clone(&started));
+        tokio::spawn(async move {
+            a.process_in_context("k", None, Default::default(), |context| async move {
+                faulty.stall_everything(true);
+                started.store(true, Ordering::SeqCst);
+                let started = std::time::Instant::now();
+                while !context.is_cancelled() && started.elapsed() < PATIENCE {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok::<_, HandlerError>(if context.is_cancelled() {
+                    "cancelled"
+                } else {
+                    "not told"
+                })
+            })
+            .await
+        })
+    };
+    assert!(eventually(PATIENCE, || async { started.load(Ordering::SeqCst) }).await);
+    let taken = eventually(PATIENCE, || async {
+        match b.claim("k", None).await {
+            Ok(Claim::Acquired(held)) => held.complete("b").await.is_ok(),
+            _ => false,
+        }
+    })
+    .await;
+    assert!(taken, "B takes the message over once A's lease ended");
+    faulty.stall_everything(false);
+    let outcome = tokio::time::timeout(PATIENCE, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&outcome, Outcome::LeaseLost { result: Ok(output) } if output == "cancelled"),
+        "{outcome:?}"
+    );
+}
