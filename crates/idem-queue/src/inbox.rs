@@ -252,6 +252,70 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..text.len().min(max)]
 }
 
+/// What to tell the broker about a message processed through the inbox, under `policy`:
+/// how the consumer runners settle inbox-backed messages
+/// ([`runner::jetstream::run_inbox`](crate::runner::jetstream::run_inbox),
+/// [`runner::rabbitmq::run_inbox`](crate::runner::rabbitmq::run_inbox)), after the
+/// transaction has committed or rolled back.
+///
+/// | result | settlement |
+/// |---|---|
+/// | processed (committed), duplicate | ack |
+/// | [`InboxError::InFlight`] | defer by [`RetryPolicy::in_flight_delay`](crate::RetryPolicy::in_flight_delay) of the lock timeout |
+/// | [`InboxError::Database`] | defer by [`RetryPolicy::backoff`](crate::RetryPolicy::backoff) |
+/// | [`InboxError::Conflict`], a transient handler error | retry after the backoff; dead letter on the last delivery |
+/// | a permanent handler error, [`InboxError::EmptyId`] | dead letter |
+///
+/// `attempt` is the broker's delivery number (the inbox counts no runs: JetStream's
+/// `delivered`, RabbitMQ's `x-delivery-count`), so on a RabbitMQ classic queue, which
+/// counts nothing, the last delivery is never reached: a message that keeps failing
+/// transiently is retried until it succeeds or fails permanently. A dead letter here is
+/// the broker's (JetStream `+TERM`, RabbitMQ `basic.reject` to the queue's dead-letter
+/// exchange): the inbox keeps no dead-letter record.
+///
+/// ```
+/// use idem_queue::inbox::{InboxError, InboxOutcome, settlement};
+/// use idem_queue::{DeliveryAttempt, HandlerError, RetryPolicy, Settlement};
+///
+/// let policy = RetryPolicy::default();
+/// let done: Result<InboxOutcome<()>, InboxError<HandlerError>> = Ok(InboxOutcome::Duplicate);
+/// let first = DeliveryAttempt::new(1, policy.max_attempts);
+/// assert_eq!(settlement(&policy, first, &done), Settlement::Ack);
+/// let failed: Result<InboxOutcome<()>, _> =
+///     Err(InboxError::Handler(HandlerError::transient("timeout")));
+/// assert!(matches!(settlement(&policy, first, &failed), Settlement::Retry { .. }));
+/// let last = DeliveryAttempt::new(5, policy.max_attempts);
+/// assert!(matches!(settlement(&policy, last, &failed), Settlement::DeadLetter { .. }));
+/// ```
+#[cfg(any(feature = "jetstream", feature = "rabbitmq"))]
+pub fn settlement<T>(
+    policy: &crate::RetryPolicy,
+    attempt: crate::DeliveryAttempt,
+    result: &Result<InboxOutcome<T>, InboxError<crate::HandlerError>>,
+) -> crate::Settlement {
+    use crate::{DeadLetterReason, Settlement};
+    let delay = policy.backoff(attempt.delivered);
+    match result {
+        Ok(_) => Settlement::Ack,
+        Err(InboxError::InFlight) => Settlement::Defer {
+            delay: policy.in_flight_delay(DEFAULT_LOCK_TIMEOUT),
+        },
+        Err(InboxError::Handler(error)) if error.is_permanent() => Settlement::DeadLetter {
+            reason: DeadLetterReason::Permanent,
+        },
+        Err(InboxError::Handler(_) | InboxError::Conflict(_)) if attempt.is_final() => {
+            Settlement::DeadLetter {
+                reason: DeadLetterReason::MaxDeliveries,
+            }
+        }
+        Err(InboxError::Handler(_) | InboxError::Conflict(_)) => Settlement::Retry { delay },
+        Err(InboxError::EmptyId) => Settlement::DeadLetter {
+            reason: DeadLetterReason::Permanent,
+        },
+        Err(_) => Settlement::Defer { delay },
+    }
+}
+
 /// A transactional inbox over one table. See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Inbox {

@@ -99,6 +99,8 @@ pub mod inbox;
 pub mod jetstream;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(any(feature = "jetstream", feature = "rabbitmq"))]
+pub mod runner;
 
 pub use context::{Cancellation, MessageContext, PanicPolicy};
 pub use dead_letter::{DeadLetter, DeadLetterEntry, DeadLetterReason};
