@@ -186,9 +186,11 @@ fn written_at(stored: &Stored) -> Option<SystemTime> {
 /// gone (forgotten, expired, or never completed) is skipped when listing. Entries expire with
 /// the last record of their day.
 impl<S: Store> Deduplicator<S> {
-    /// Forgets message `id` and its dead-letter record, so its next delivery runs the
-    /// handler again (to replay a dead-lettered message after fixing its cause). Says whether
-    /// either record was there.
+    /// Forgets message `id`: its record, its dead-letter record and its counted failed runs
+    /// ([`Deduplicator::reset_attempts`]), so its next delivery runs the handler again as
+    /// attempt 1 (to replay a dead-lettered message after fixing its cause). Says whether
+    /// any of them was there. Safe to repeat after an error: do not republish until it
+    /// succeeded.
     ///
     /// ```
     /// use bytes::Bytes;
@@ -220,11 +222,13 @@ impl<S: Store> Deduplicator<S> {
         let key = self.key(id)?;
         let dead = Self::key_in(&self.inner.dead_letter_scope, id)?;
         let store = &self.inner.store;
-        // The message first: if the second delete fails, a redelivery can already run, and
-        // a stale dead-letter record is the lesser harm (the operator sees it and retries).
+        // The count first: once the message record is gone a redelivery may run, and it must
+        // not start out of attempts. A stale dead-letter record, left if the last delete
+        // fails, is the lesser harm (the operator sees it and retries).
+        let failures = self.reset_attempts(id).await?;
         let message = store.delete(&key).await.map_err(DedupError::Store)?;
         let letter = store.delete(&dead).await.map_err(DedupError::Store)?;
-        Ok(message || letter)
+        Ok(failures > 0 || message || letter)
     }
 
     /// Writes a dead-letter record for `letter.id` under the dead-letter scope, unless one

@@ -121,6 +121,7 @@ on_every_store!(
     ids_that_are_not_keys_are_hashed_and_empty_ids_refused,
     a_handler_that_blocks_its_thread_keeps_its_lease,
     forget_clears_the_dead_letter_too,
+    a_forgotten_message_starts_again_at_attempt_one,
     dead_letters_are_listed_oldest_first_with_reason_and_deliveries,
     concurrent_dead_letters_are_all_listed,
     a_dead_writer_s_hole_in_the_index_hides_no_dead_letter,
@@ -458,6 +459,49 @@ async fn forget_clears_the_dead_letter_too(backend: Backend) {
     let listed = dedup.dead_letters(a_day_ago(), 100).await.unwrap();
     assert_eq!(ids(&listed), ["poison"]);
     assert_eq!(listed[0].letter.deliveries, 7);
+}
+
+async fn a_forgotten_message_starts_again_at_attempt_one(backend: Backend) {
+    let dedup = dedup_with(&backend, DedupOptions::default());
+    let fail = || async { Err::<Bytes, _>(HandlerError::transient("downstream down")) };
+    let limit = DeliveryAttempt::limit(Some(3));
+    for _ in 0..2 {
+        let outcome = dedup
+            .process_with("retry", None, limit, fail)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Released { .. }), "{outcome:?}");
+    }
+    let outcome = dedup
+        .process_with("retry", None, limit, fail)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Failed {
+                reason: DeadLetterReason::MaxDeliveries,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        dedup
+            .dead_letter(&letter("retry", DeadLetterReason::MaxDeliveries, 3))
+            .await
+            .unwrap()
+    );
+
+    // Replayed after the fix: its failed runs are forgotten with it, so one more failure
+    // is retried, not given up at once.
+    assert!(dedup.forget("retry").await.unwrap());
+    assert_eq!(dedup.failed_attempts("retry").await.unwrap(), 0);
+    let outcome = dedup
+        .process_with("retry", None, limit, fail)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Released { .. }), "{outcome:?}");
 }
 
 async fn dead_letters_are_listed_oldest_first_with_reason_and_deliveries(backend: Backend) {
