@@ -9,19 +9,22 @@
 //! publishes 10 orders with [`publish`], which sets `Nats-Msg-Id`. It publishes every
 //! order a second time at once (the server drops those itself) and, after the window,
 //! every other order a third time (the server keeps those). A consumer with a
-//! [`Deduplicator`] over a redb file then charges each order exactly once, acking
-//! duplicates without running the handler, and terminating an order the handler rejects
-//! permanently, with a dead-letter record. The stream is deleted at the end.
+//! [`Deduplicator`] over a redb file, run by [`runner::jetstream::run`] (four handlers at
+//! a time, drained at the end, reconnecting if the subscription breaks, surviving an ack
+//! that cannot be sent), then charges each order exactly once, acking duplicates without
+//! running the handler, and terminating an order the handler rejects permanently, with a
+//! dead-letter record. The stream is deleted at the end.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use idem::Scope;
 use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions, publish};
-use idem_queue::{Deduplicator, HandlerError, Outcome, ResultExt, Settlement};
+use idem_queue::runner::{self, BoxError, RunOptions};
+use idem_queue::{Deduplicator, HandlerError, ResultExt};
 use idem_redb::RedbStore;
 
 const STREAM: &str = "IDEM_EXAMPLE_ORDERS";
@@ -86,7 +89,8 @@ async fn run(js: &jetstream::Context) -> Result<(), Box<dyn std::error::Error>> 
     }
     println!("published {published} times; the stream kept 15 messages for 10 orders");
 
-    // Consume.
+    // Consume, with the runner: four handlers at a time, until the stream has nothing left
+    // for this consumer (a real consumer would stop on a signal); then it drains.
     let dir = tempfile::tempdir()?;
     let store = RedbStore::open(dir.path().join("idem.redb"))?;
     let dedup = Deduplicator::new(store, Scope::new(format!("{STREAM}/billing")));
@@ -102,43 +106,67 @@ async fn run(js: &jetstream::Context) -> Result<(), Box<dyn std::error::Error>> 
             },
         )
         .await?;
-    let mut messages = consumer.messages().await?;
-    let mut charged = BTreeMap::new();
-    for _ in 0..15 {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await?
-            .ok_or("the consumer ended")??;
-        let charged = &mut charged;
-        let handled = adapter
-            .handle(&message, |message, context| async move {
-                let text = std::str::from_utf8(&message.payload).permanent()?;
-                let cents: u32 = text.parse().permanent()?;
-                // The effect: here, a line in a map; in real life, a charge that passes
-                // `context.id()` on as the payment provider's idempotency key.
-                *charged.entry(context.id().to_owned()).or_insert(0) += 1;
-                Ok::<_, HandlerError>(format!("charged {cents} cents"))
-            })
-            .await?;
-        let what = match &handled.outcome {
-            Ok(Outcome::Processed { output }) => String::from_utf8_lossy(output).into_owned(),
-            Ok(Outcome::Duplicate(replay)) => format!(
-                "duplicate, not run again (first run: {})",
-                String::from_utf8_lossy(replay.output().map(|b| &b[..]).unwrap_or(b"failed"))
-            ),
-            Ok(Outcome::Failed { error, .. }) => format!("not charged: {error}"),
-            other => format!("{other:?}"),
-        };
-        let settled = match handled.settlement {
-            Settlement::Ack => "ack".to_owned(),
-            Settlement::Retry { delay } => format!("nak, retry in {delay:?}"),
-            Settlement::Defer { delay } => format!("nak, held elsewhere; again in {delay:?}"),
-            Settlement::DeadLetter { reason } => format!("term, dead-lettered ({reason})"),
-        };
-        println!(
-            "{:<8} delivery {} -> {what} [{settled}]",
-            handled.id, handled.delivered
-        );
-    }
+    let charged = Arc::new(Mutex::new(BTreeMap::new()));
+    let connect = {
+        let consumer = consumer.clone();
+        // Called again (with backoff) if the subscription breaks.
+        move || {
+            let consumer = consumer.clone();
+            async move { Ok::<_, BoxError>(consumer) }
+        }
+    };
+    let everything_settled = {
+        let consumer = consumer.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Ok(info) = consumer.get_info().await
+                    && info.num_pending == 0
+                    && info.num_ack_pending == 0
+                {
+                    return;
+                }
+            }
+        }
+    };
+    let report = runner::jetstream::run(
+        adapter,
+        connect,
+        RunOptions::with_concurrency(4),
+        everything_settled,
+        {
+            let charged = Arc::clone(&charged);
+            move |message, context| {
+                let charged = Arc::clone(&charged);
+                async move {
+                    let text = std::str::from_utf8(&message.payload).permanent()?;
+                    let cents: u32 = text.parse().permanent()?;
+                    // The effect: here, a line in a map; in real life, a charge that passes
+                    // `context.id()` on as the payment provider's idempotency key.
+                    *charged
+                        .lock()
+                        .unwrap()
+                        .entry(context.id().to_owned())
+                        .or_insert(0) += 1;
+                    println!(
+                        "{:<8} attempt {} -> charged {cents} cents",
+                        context.id(),
+                        context.attempt()
+                    );
+                    Ok::<_, HandlerError>(format!("charged {cents} cents"))
+                }
+            }
+        },
+    )
+    .await;
+    // Duplicates were acked without running the handler; a settle error (an ack lost with
+    // the connection) would be counted here, not end the consumer: the server redelivers
+    // and the redelivery is a duplicate.
+    println!(
+        "settled: {} acked (duplicates included), {} dead-lettered, {} settle errors",
+        report.acked, report.dead_lettered, report.settle_errors
+    );
+    let charged = charged.lock().unwrap().clone();
 
     assert!(
         charged.values().all(|&n| n == 1),

@@ -10,23 +10,24 @@
 //! to `idem-example-orders-dlq`,
 //! and publishes 10 orders with a confirming [`Publisher`] that sets `message_id`; then
 //! every other order again, as a producer retrying after a lost confirm would. A consumer
-//! with a [`Deduplicator`] over a redb file charges each order once and acks the
+//! with a [`Deduplicator`] over a redb file, run by [`runner::rabbitmq::run`] (four
+//! handlers at a time, its own connection, reconnecting if it breaks, drained at the end,
+//! surviving an ack that cannot be sent), charges each order once and acks the
 //! duplicates without running anything. Order 3's handler fails transiently on every
 //! delivery: after three attempts it is rejected (the broker moves it to the DLQ) and a
 //! dead-letter record is written. Both queues are deleted at the end.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use idem::Scope;
 use idem_queue::rabbitmq::{Publisher, RabbitConsumer, RabbitOptions};
-use idem_queue::{Deduplicator, HandlerError, Outcome, RetryPolicy, Settlement};
+use idem_queue::runner::{self, BoxError, RunOptions};
+use idem_queue::{Deduplicator, HandlerError, RetryPolicy};
 use idem_redb::RedbStore;
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::protocol::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -65,7 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .queue_declare(QUEUE.into(), durable, arguments)
         .await?;
 
-    let result = run(&connection).await;
+    let result = run(&connection, &url).await;
     for queue in [QUEUE, DLQ] {
         channel
             .queue_delete(queue.into(), QueueDeleteOptions::default())
@@ -75,7 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     result
 }
 
-async fn run(connection: &Connection) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(connection: &Connection, url: &str) -> Result<(), Box<dyn std::error::Error>> {
     let publisher = Publisher::new(connection.create_channel().await?).await?;
     let ids: Vec<u32> = (0..10).chain((0..10).step_by(2)).collect();
     for &n in &ids {
@@ -101,67 +102,103 @@ async fn run(connection: &Connection) -> Result<(), Box<dyn std::error::Error>> 
         retry: RetryPolicy {
             max_attempts: Some(3),
             backoff_initial: Duration::from_millis(100),
+            // A copy of an order that is running elsewhere comes back soon: held at most
+            // this long (RabbitMQ has no delayed requeue), then requeued, then a duplicate.
+            in_flight_max: Duration::from_millis(300),
             ..RetryPolicy::default()
         },
         ..RabbitOptions::default()
     };
     let adapter = RabbitConsumer::new(dedup.clone(), options);
-    let channel = connection.create_channel().await?;
-    channel.basic_qos(8, BasicQosOptions::default()).await?;
-    let mut deliveries = channel
-        .basic_consume(
-            QUEUE.into(),
-            "billing".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
 
-    let mut charged = BTreeMap::new();
-    let mut settled = 0;
-    // 15 messages, plus two extra deliveries of the failing order.
-    while settled < 15 {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
-            .await?
-            .ok_or("the consumer was cancelled")??;
-        let charged = &mut charged;
-        let handled = adapter
-            .handle(&delivery, |_delivery, context| async move {
-                if context.id() == "order-3" {
-                    return Err(HandlerError::transient(format!(
-                        "payment provider timed out (attempt {})",
-                        context.attempt()
-                    )));
-                }
-                *charged.entry(context.id().to_owned()).or_insert(0) += 1;
-                Ok(Bytes::from("charged"))
-            })
-            .await?;
-        let what = match &handled.outcome {
-            Ok(Outcome::Processed { .. }) => "charged".to_owned(),
-            Ok(Outcome::Duplicate(_)) => "duplicate, not run again".to_owned(),
-            Ok(Outcome::Released { error }) => format!("failed ({error})"),
-            Ok(Outcome::Failed { error, reason }) => format!("failed for good, {reason} ({error})"),
-            other => format!("{other:?}"),
+    // Consume, with the runner: four handlers at a time, its own connection (opened again,
+    // with backoff, if it breaks), until both queues show every message settled (a real
+    // consumer would stop on a signal); then it drains and closes.
+    let charged = Arc::new(Mutex::new(BTreeMap::new()));
+    let counts = connection.create_channel().await?;
+    let everything_settled = async move {
+        let ready = |queue: &'static str| {
+            let counts = counts.clone();
+            async move {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                counts
+                    .queue_declare(queue.into(), passive, FieldTable::default())
+                    .await
+                    .map(|queue| queue.message_count())
+                    .ok()
+            }
         };
-        let settlement = match handled.settlement {
-            Settlement::Ack => "basic.ack".to_owned(),
-            Settlement::Retry { delay } => format!("basic.reject requeue after {delay:?}"),
-            Settlement::Defer { delay } => format!("basic.nack requeue after {delay:?}"),
-            Settlement::DeadLetter { .. } => "basic.reject, to the dead-letter exchange".to_owned(),
-        };
-        if !matches!(
-            handled.settlement,
-            Settlement::Retry { .. } | Settlement::Defer { .. }
-        ) {
-            settled += 1;
+        // Nothing left to deliver and order 3 in the dead-letter queue, for a second: longer
+        // than any hold (the ready count does not show deliveries held unacknowledged).
+        let mut quiet = 0;
+        while quiet < 5 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if ready(QUEUE).await == Some(0) && ready(DLQ).await == Some(1) {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
         }
-        let attempt = handled.attempt.map_or("-".to_owned(), |n| n.to_string());
-        println!(
-            "{:<8} attempt {attempt} -> {what} [{settlement}]",
-            handled.id
-        );
-    }
+    };
+    let url = url.to_owned();
+    let report = runner::rabbitmq::run(
+        adapter,
+        move || {
+            let url = url.clone();
+            async move {
+                Ok::<_, BoxError>(Connection::connect(&url, ConnectionProperties::default()).await?)
+            }
+        },
+        QUEUE,
+        "billing",
+        RunOptions::with_concurrency(4),
+        everything_settled,
+        {
+            let charged = Arc::clone(&charged);
+            move |_delivery, context| {
+                let charged = Arc::clone(&charged);
+                async move {
+                    if context.id() == "order-3" {
+                        println!(
+                            "{:<8} attempt {} -> failed",
+                            context.id(),
+                            context.attempt()
+                        );
+                        return Err(HandlerError::transient(format!(
+                            "payment provider timed out (attempt {})",
+                            context.attempt()
+                        )));
+                    }
+                    // The effect: here, a line in a map; in real life, a charge that passes
+                    // `context.id()` on as the payment provider's idempotency key.
+                    *charged
+                        .lock()
+                        .unwrap()
+                        .entry(context.id().to_owned())
+                        .or_insert(0) += 1;
+                    println!(
+                        "{:<8} attempt {} -> charged",
+                        context.id(),
+                        context.attempt()
+                    );
+                    Ok(Bytes::from("charged"))
+                }
+            }
+        },
+    )
+    .await;
+    // Duplicates were acked without running the handler; a settle error (an ack lost with
+    // the connection) would be counted here, not end the consumer: the broker requeues the
+    // delivery and the redelivery is a duplicate.
+    println!(
+        "settled: {} acked (duplicates included), {} retried, {} deferred, {} dead-lettered, \
+         {} settle errors",
+        report.acked, report.retried, report.deferred, report.dead_lettered, report.settle_errors
+    );
+    let charged = charged.lock().unwrap().clone();
 
     assert!(
         charged.values().all(|&n| n == 1),
