@@ -23,6 +23,9 @@
 //!   confirming publisher.
 //! - [`inbox`] (feature `postgres`): the transactional inbox: the message's id is inserted
 //!   in the same Postgres transaction as the handler's writes.
+//! - [`runner`]: the consumer loop for either broker, over an adapter or the inbox:
+//!   bounded concurrency, retry delays that do not block other messages, reconnection
+//!   with backoff, and a graceful drain on shutdown.
 //!
 //! ## What is exactly once, and what is not
 //!
