@@ -516,7 +516,8 @@ pub mod jetstream {
     }
 
     /// Tells the server `settlement` for `message`: `+ACK`, `-NAK` with the delay, or
-    /// `+TERM`. For messages handled outside a [`JetStreamConsumer`] (an
+    /// `+TERM`, and waits for the server's reply, so an `Ok` means the server has it. For
+    /// messages handled outside a [`JetStreamConsumer`] (an
     /// [`Inbox`](crate::inbox::Inbox)); a dead letter here writes no record.
     pub async fn settle(
         message: &Message,
@@ -529,7 +530,7 @@ pub mod jetstream {
             }
             crate::Settlement::DeadLetter { .. } => AckKind::Term,
         };
-        message.ack_with(kind).await
+        message.double_ack_with(kind).await
     }
 
     /// Like [`run`], with the message's effects in a Postgres transaction through `inbox`

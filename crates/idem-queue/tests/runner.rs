@@ -642,3 +642,84 @@ async fn rabbitmq_inbox_messages_are_acked_after_their_commit_once() {
     assert_eq!(effects.counts().await, (10, 10, 0), "{report:?}");
     assert_eq!((report.acked, report.retried), (20, 1), "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jetstream_inbox_messages_are_acked_after_their_commit_once() {
+    use idem_queue::inbox::Inbox;
+
+    let name = suffix();
+    let stream = format!("IDEMQ_RUN_INBOX_{name}");
+    let js = js_at(&nats_url()).await;
+    let _stream_guard = js_stream(&js, &stream, Duration::from_secs(30)).await;
+    let table = format!("idemq_inbox_jsrun_{name}");
+    let _tables = common::drop_tables_on_drop(vec![table.clone(), format!("idemq_effects_{name}")]);
+    let pool = common::pg_pool().await;
+    let effects = Arc::new(common::Effects::create(&pool, &name).await);
+    let inbox = Inbox::new(pool).with_table(&table).unwrap();
+    inbox.migrate().await.unwrap();
+
+    // Ten messages, each published twice under distinct Nats-Msg-Ids but one order id in
+    // the payload (a producer that re-published after the duplicate window), m-3 failing
+    // once after its write.
+    for round in 0..2 {
+        for n in 0..10 {
+            idem_queue::jetstream::publish(
+                &js,
+                format!("{stream}.m"),
+                &format!("publication-{round}-{n}"),
+                Bytes::from(format!("m-{n}")),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let (stop, stopped) = oneshot::channel::<()>();
+    let retry = RetryPolicy {
+        backoff_initial: Duration::from_millis(100),
+        ..RetryPolicy::default()
+    };
+    let task = tokio::spawn({
+        let effects = Arc::clone(&effects);
+        let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        runner::jetstream::run_inbox(
+            inbox,
+            retry,
+            None,
+            js_connect(js.clone(), stream.clone()),
+            RunOptions::with_concurrency(4),
+            async move {
+                let _ = stopped.await;
+            },
+            |message| Some(msg_id(message)),
+            move |message, tx| {
+                let (effects, failed_once) = (Arc::clone(&effects), Arc::clone(&failed_once));
+                Box::pin(async move {
+                    let id = msg_id(&message);
+                    effects
+                        .record(&mut *tx, &id, "runner")
+                        .await
+                        .map_err(HandlerError::transient)?;
+                    if id == "m-3" && !failed_once.swap(true, Ordering::SeqCst) {
+                        return Err(HandlerError::transient("m-3 fails once"));
+                    }
+                    Ok(())
+                })
+            },
+        )
+    });
+    let consumer = js_connect(js.clone(), stream.clone())().await.unwrap();
+    assert!(
+        eventually(PATIENCE, || async {
+            let info = consumer.get_info().await.unwrap();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        })
+        .await,
+        "everything acked: {:?}",
+        consumer.get_info().await.unwrap()
+    );
+    stop.send(()).unwrap();
+    let report = task.await.unwrap();
+    assert_eq!(effects.counts().await, (10, 10, 0), "{report:?}");
+    assert_eq!(report.acked, 20, "{report:?}");
+    assert!(report.retried >= 1, "{report:?}");
+}
