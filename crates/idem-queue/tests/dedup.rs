@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use bytes::Bytes;
+use idem::testing::FaultyStore;
 use idem::{
-    Begin, Clock, Fingerprint, Key, Lease, MemoryStore, Record, RecordState, Scope, ScopedKey,
-    Store, StoreError, Stored, Token,
+    Begin, Clock, Fingerprint, Key, MemoryStore, RecordState, Scope, ScopedKey, Store, StoreError,
 };
 use idem_postgres::{PostgresOptions, PostgresStore};
 use idem_queue::{
@@ -751,75 +750,11 @@ impl Clock for TokioClock {
     }
 }
 
-/// A memory store whose next `failures` calls to `complete` fail (`usize::MAX`: all of them).
-#[derive(Debug)]
-struct FlakyComplete {
-    inner: MemoryStore,
-    failures: AtomicUsize,
-    completes: AtomicUsize,
-}
-
-impl FlakyComplete {
-    fn new(inner: MemoryStore, failures: usize) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            failures: AtomicUsize::new(failures),
-            completes: AtomicUsize::new(0),
-        })
-    }
-}
-
-#[async_trait]
-impl Store for FlakyComplete {
-    async fn begin(
-        &self,
-        key: &ScopedKey,
-        fp: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Begin, StoreError> {
-        self.inner.begin(key, fp, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &ScopedKey,
-        token: Token,
-        stored: &Stored,
-        retain: Duration,
-    ) -> Result<SystemTime, StoreError> {
-        self.completes.fetch_add(1, Ordering::SeqCst);
-        let failing = self
-            .failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
-                0 => None,
-                usize::MAX => Some(usize::MAX),
-                n => Some(n - 1),
-            })
-            .is_ok();
-        if failing {
-            return Err(StoreError::backend("complete", "injected failure"));
-        }
-        self.inner.complete(key, token, stored, retain).await
-    }
-    async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &ScopedKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Lease, StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
-        self.inner.sweep(limit).await
-    }
+/// A memory store whose next `failures` calls to `complete` fail (`u32::MAX`: all of them).
+fn flaky_complete(inner: MemoryStore, failures: u32) -> Arc<FaultyStore<MemoryStore>> {
+    let store = Arc::new(FaultyStore::new(inner));
+    store.fail_next_completes(failures);
+    store
 }
 
 type Charging<'a> = Pin<Box<dyn Future<Output = Result<&'static str, HandlerError>> + 'a>>;
@@ -838,7 +773,7 @@ fn charge<'a>(runs: &'a AtomicUsize, takes: Duration) -> impl FnOnce() -> Chargi
 #[tokio::test(start_paused = true)]
 async fn an_outcome_is_stored_once_the_store_recovers_and_then_replayed() {
     // Ten failures in a row: several seconds of retries, well within `complete_for`.
-    let store = FlakyComplete::new(MemoryStore::new(), 10);
+    let store = flaky_complete(MemoryStore::new(), 10);
     let dedup = Deduplicator::new(Arc::clone(&store), Scope::new("recovering"));
     let runs = AtomicUsize::new(0);
 
@@ -847,7 +782,7 @@ async fn an_outcome_is_stored_once_the_store_recovers_and_then_replayed() {
         matches!(first, Ok(Outcome::Processed { ref output }) if output == "charged"),
         "{first:?}"
     );
-    assert_eq!(store.completes.load(Ordering::SeqCst), 11);
+    assert_eq!(store.completes(), 11);
 
     // The redelivery (say the ack was lost) is a duplicate: acked, not run.
     let again = dedup.process("pay-1", charge(&runs, Duration::ZERO)).await;
@@ -864,7 +799,7 @@ async fn an_outcome_is_stored_once_the_store_recovers_and_then_replayed() {
 
 #[tokio::test(start_paused = true)]
 async fn an_outcome_that_cannot_be_stored_keeps_the_message_claimed_until_its_lease_ends() {
-    let store = FlakyComplete::new(MemoryStore::with_clock(TokioClock::new()), usize::MAX);
+    let store = flaky_complete(MemoryStore::with_clock(TokioClock::new()), u32::MAX);
     let dedup = Deduplicator::new(Arc::clone(&store), Scope::new("unstorable"));
     let options = dedup.options().clone();
     let runs = AtomicUsize::new(0);
@@ -883,7 +818,7 @@ async fn an_outcome_that_cannot_be_stored_keeps_the_message_claimed_until_its_le
     }
     // Retried for `complete_for` with the lease renewed, not a few times in a blink.
     assert!(gave_up_after >= handler_takes + options.complete_for - Duration::from_secs(2));
-    assert!(store.completes.load(Ordering::SeqCst) > 10);
+    assert!(store.completes() > 10);
     // The handler ran: settled as done, not handed back for a redelivery that would run it.
     assert_eq!(
         RetryPolicy::default().settlement(DeliveryAttempt::first(), &first),
@@ -907,7 +842,7 @@ async fn an_outcome_that_cannot_be_stored_keeps_the_message_claimed_until_its_le
 
 #[tokio::test(start_paused = true)]
 async fn completing_a_claim_that_cannot_be_stored_does_not_release_it() {
-    let store = FlakyComplete::new(MemoryStore::new(), usize::MAX);
+    let store = flaky_complete(MemoryStore::new(), u32::MAX);
     let dedup = Deduplicator::new(Arc::clone(&store), Scope::new("claims"));
     let Ok(Claim::Acquired(held)) = dedup.claim("done-elsewhere", None).await else {
         panic!("expected a claim")
