@@ -149,10 +149,9 @@ where
             shared.stats.count(Counter::UnknownOutcome);
             tracing::warn!(%error, key = ?holder.key(), "unknown outcome; storing it so that it never runs again");
             let answer = error.to_response();
-            let mut stored = Stored::new(answer.status().as_u16())
+            let stored = Stored::new(answer.status().as_u16())
                 .with_header(CONTENT_TYPE.as_str(), PROBLEM_JSON)
                 .with_body(answer.body().clone());
-            stored.headers.shrink_to_fit();
             (answer.map(IdempotencyBody::full), stored)
         }
     };

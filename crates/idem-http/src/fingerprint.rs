@@ -28,10 +28,12 @@ pub(crate) fn request_fingerprint(
     body: &[u8],
 ) -> Fingerprint {
     let mut builder = Fingerprint::builder();
-    builder.push(
-        "method",
-        parts.method.as_str().to_ascii_uppercase().as_bytes(),
-    );
+    let method = parts.method.as_str();
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        builder.push("method", method.to_ascii_uppercase().as_bytes());
+    } else {
+        builder.push("method", method.as_bytes());
+    }
     builder.push("path", path.as_bytes());
     builder.push("query", parts.uri.query().unwrap_or_default().as_bytes());
     for name in &config.fingerprint_headers {

@@ -152,17 +152,23 @@ where
             return ResponseFuture::passthrough(self.inner.call(request));
         }
         let (mut parts, body) = request.into_parts();
-        let path = normalize_path(parts.uri.path()).map(Cow::into_owned);
+        // Only a path with escapes is decoded into a copy; the raw path is copied only for a
+        // keyed request, which keeps it. A pass-through allocates nothing here.
+        let decoded = normalize_path(parts.uri.path()).map(|path| match path {
+            Cow::Owned(decoded) => Some(decoded),
+            Cow::Borrowed(_) => None,
+        });
         let key = shared.extract_key.extract_key(&parts);
         let scope = matches!(key, Ok(Some(_))).then(|| shared.make_scope.make_scope(&parts));
         let arrival = Arrival {
             covered: true,
-            path: path.as_ref().map(drop).map_err(Clone::clone),
+            path: decoded.as_ref().map(drop).map_err(Clone::clone),
             key,
             scope: scope.as_ref(),
         };
-        match (on_arrival(config, arrival), path, scope) {
-            (Entry::Keyed(key), Ok(path), Some(scope)) => {
+        match (on_arrival(config, arrival), decoded, scope) {
+            (Entry::Keyed(key), Ok(decoded), Some(scope)) => {
+                let path = decoded.unwrap_or_else(|| parts.uri.path().to_owned());
                 protect_relied_on_headers(config, &mut parts.headers);
                 // The keyed path calls a clone (made ready on the task that uses it),
                 // leaving `self.inner` ready for the next call.
