@@ -443,12 +443,8 @@ impl<S: Store> Deduplicator<S> {
         Fut: Future<Output = Result<T, HandlerError>>,
         T: Into<Bytes>,
     {
-        match self.claim(id, fingerprint).await? {
-            Claim::Acquired(held) => held.run(attempt, handler).await,
-            Claim::Duplicate(replay) => Ok(Outcome::Duplicate(replay)),
-            Claim::InFlight { retry_after } => Ok(Outcome::InFlight { retry_after }),
-            Claim::Mismatch => Ok(Outcome::Mismatch),
-        }
+        self.process_in_context(id, fingerprint, attempt, |_| handler())
+            .await
     }
 
     /// Like [`process_with`](Self::process_with), for a handler that wants its

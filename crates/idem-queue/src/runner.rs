@@ -186,6 +186,23 @@ enum Done {
     SettleFailed,
 }
 
+impl Done {
+    /// What telling the broker `settlement` came to; a failure is logged as `failure`
+    /// (which says what the broker does next) and is not fatal to the runner.
+    fn after_settling(
+        settlement: Result<Settlement, &(dyn std::error::Error + 'static)>,
+        failure: &str,
+    ) -> Self {
+        match settlement {
+            Ok(settlement) => Self::Settled(settlement),
+            Err(error) => {
+                tracing::warn!(error, "consumer runner: {failure}");
+                Self::SettleFailed
+            }
+        }
+    }
+}
+
 /// A subscription the runner fetches from.
 trait Source: Send {
     type Item: Send + 'static;
@@ -501,14 +518,11 @@ pub mod jetstream {
                             async move { slots.run(work).await }
                         })
                         .await;
-                    match handled {
-                        Ok(handled) => Done::Settled(handled.settlement),
-                        Err(error) => {
-                            let error: &dyn std::error::Error = &error;
-                            tracing::warn!(error, "consumer runner: settling a message failed; the server redelivers it");
-                            Done::SettleFailed
-                        }
-                    }
+                    let settled = handled.as_ref().map(|handled| handled.settlement);
+                    Done::after_settling(
+                        settled.map_err(|error| error as _),
+                        "settling a message failed; the server redelivers it",
+                    )
                 }
             },
         )
@@ -595,16 +609,18 @@ pub mod jetstream {
                     let settlement = crate::inbox::settlement(retry, attempt, &outcome);
                     if let Err(error) = &outcome {
                         let error = super::describe(error);
-                        tracing::warn!(error, ?settlement, "consumer runner: inbox message not processed");
+                        tracing::warn!(
+                            error,
+                            ?settlement,
+                            "consumer runner: inbox message not processed"
+                        );
                     }
-                    match settle(&message, settlement).await {
-                        Ok(()) => Done::Settled(settlement),
-                        Err(error) => {
-                            let error: &dyn std::error::Error = &*error;
-                            tracing::warn!(error, "consumer runner: settling a message failed; the server redelivers it");
-                            Done::SettleFailed
-                        }
-                    }
+                    let settled = settle(&message, settlement).await;
+                    let settled = settled.as_ref().map(|()| settlement);
+                    Done::after_settling(
+                        settled.map_err(|error| &**error as _),
+                        "settling a message failed; the server redelivers it",
+                    )
                 }
             },
         )
@@ -799,14 +815,11 @@ pub mod rabbitmq {
                             async move { slots.run(work).await }
                         })
                         .await;
-                    match handled {
-                        Ok(handled) => Done::Settled(handled.settlement),
-                        Err(error) => {
-                            let error: &dyn std::error::Error = &error;
-                            tracing::warn!(error, "consumer runner: settling a delivery failed; the broker requeues it");
-                            Done::SettleFailed
-                        }
-                    }
+                    let settled = handled.as_ref().map(|handled| handled.settlement);
+                    Done::after_settling(
+                        settled.map_err(|error| error as _),
+                        "settling a delivery failed; the broker requeues it",
+                    )
                 }
             },
         )
@@ -928,7 +941,8 @@ pub mod rabbitmq {
                 let delivery = Arc::new(delivery);
                 async move {
                     let (inbox, retry, handler) = &*shared;
-                    let attempt = crate::DeliveryAttempt::new(delivered(&delivery), retry.max_attempts);
+                    let attempt =
+                        crate::DeliveryAttempt::new(delivered(&delivery), retry.max_attempts);
                     let id = delivery
                         .properties
                         .message_id()
@@ -946,16 +960,18 @@ pub mod rabbitmq {
                     let settlement = crate::inbox::settlement(retry, attempt, &outcome);
                     if let Err(error) = &outcome {
                         let error = super::describe(error);
-                        tracing::warn!(error, ?settlement, "consumer runner: inbox delivery not processed");
+                        tracing::warn!(
+                            error,
+                            ?settlement,
+                            "consumer runner: inbox delivery not processed"
+                        );
                     }
-                    match settle(&delivery, settlement, max_hold).await {
-                        Ok(()) => Done::Settled(settlement),
-                        Err(error) => {
-                            let error: &dyn std::error::Error = &*error;
-                            tracing::warn!(error, "consumer runner: settling a delivery failed; the broker requeues it");
-                            Done::SettleFailed
-                        }
-                    }
+                    let settled = settle(&delivery, settlement, max_hold).await;
+                    let settled = settled.as_ref().map(|()| settlement);
+                    Done::after_settling(
+                        settled.map_err(|error| &**error as _),
+                        "settling a delivery failed; the broker requeues it",
+                    )
                 }
             },
         )
