@@ -559,6 +559,14 @@ async fn rabbitmq_a_broken_connection_is_reestablished() {
         "handled after the break: {}",
         counter.done()
     );
+    // The second batch can finish before the cut is noticed; messages published after it
+    // can only arrive on a new connection, so the runner has reconnected once they are done.
+    rabbit_publish(&queue, (0..10).map(|n| format!("c-{n}"))).await;
+    assert!(
+        eventually(Duration::from_secs(40), || async { counter.done() == 40 }).await,
+        "handled after reconnecting: {}",
+        counter.done()
+    );
     stop.send(()).unwrap();
     let report = task.await.unwrap();
     assert!(report.connects >= 2, "reconnected: {report:?}");
