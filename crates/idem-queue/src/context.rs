@@ -11,8 +11,9 @@ use tokio::sync::Notify;
 /// renewal found the lease ended or taken over), so the handler's outcome will not be
 /// stored and another consumer may be running the same message.
 ///
-/// It is set from a task of its own, so a handler that blocks its thread still sees
-/// [`is_cancelled`](Self::is_cancelled) turn `true`.
+/// It is set from a task of its own, so a handler that blocks its thread (inside
+/// [`tokio::task::block_in_place`]) still sees [`is_cancelled`](Self::is_cancelled) turn
+/// `true`.
 ///
 /// ```
 /// use idem_queue::Cancellation;

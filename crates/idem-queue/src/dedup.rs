@@ -123,7 +123,9 @@ pub(crate) struct Inner<S> {
 ///   so the message is never run again and can be dead-lettered;
 /// - while the message is held its lease is **renewed** every
 ///   [`DedupOptions::renew_interval`] by the core crate's [`Holder`], on a task of its own,
-///   so a handler that is slow, CPU-bound or blocks its thread keeps its claim; if another
+///   so a handler that is slow, CPU-bound or blocks its thread (inside
+///   [`tokio::task::block_in_place`] or [`tokio::task::spawn_blocking`], see the crate
+///   docs) keeps its claim; if another
 ///   consumer took the message over, the result is [`Outcome::LeaseLost`] and nothing is
 ///   stored;
 /// - an outcome the store fails to take is retried with backoff for

@@ -209,7 +209,8 @@ fn stream_position(info: &async_nats::jetstream::message::Info<'_>) -> String {
 }
 
 /// `+WPI` for one message every so often, sent from a task of its own until dropped, so that
-/// a handler that is slow to yield or blocks its thread cannot let `AckWait` run out.
+/// a handler that is slow to yield or blocks its thread (the way tokio asks for: see the
+/// crate docs) cannot let `AckWait` run out.
 struct ProgressAcks(Option<tokio::task::JoinHandle<()>>);
 
 impl ProgressAcks {

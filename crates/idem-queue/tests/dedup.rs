@@ -866,8 +866,10 @@ async fn a_handler_that_blocks_its_thread_keeps_its_lease(backend: Backend) {
         tokio::spawn(async move {
             dedup
                 .process("blocking", || async {
-                    // Four leases without yielding: a synchronous client, a CPU-bound step.
-                    std::thread::sleep(lease * 4);
+                    // Four leases without yielding (a synchronous client, a CPU-bound step),
+                    // blocking the way tokio asks for: without `block_in_place` a blocked
+                    // worker now and then stops the runtime's timers, renewals included.
+                    tokio::task::block_in_place(|| std::thread::sleep(lease * 4));
                     Ok("finished")
                 })
                 .await

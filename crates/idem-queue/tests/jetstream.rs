@@ -850,9 +850,8 @@ async fn a_store_that_cannot_be_reached_naks_and_runs_nothing() {
 }
 
 // The cancellation is relayed from a task of its own: a handler that blocks its thread
-// (polling `is_cancelled`) still learns that its claim was taken over. Fails when the relay
-// is spawned without a first turn before the handler blocks (it would sit, unstealable,
-// behind the blocked thread).
+// (polling `is_cancelled`) still learns that its claim was taken over. Fails when the lost
+// signal reaches the handler only through its own future.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_blocks_its_thread_still_sees_its_claim_lost() {
     let shared = Arc::new(MemoryStore::new());
@@ -868,16 +867,27 @@ async fn a_handler_that_blocks_its_thread_still_sees_its_claim_lost() {
         Deduplicator::with_options(Arc::clone(&faulty), scope.clone(), options.clone()).unwrap();
     let b = Deduplicator::with_options(shared, scope, options).unwrap();
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The handler blocks until told, or until the test gives up on it: measured from the
+    // takeover, not from the handler's start, so a slow start cannot pass for a lost signal.
+    let give_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let running = {
-        let (faulty, started) = (Arc::clone(&faulty), Arc::clone(&started));
+        let (faulty, started, give_up) = (
+            Arc::clone(&faulty),
+            Arc::clone(&started),
+            Arc::clone(&give_up),
+        );
         tokio::spawn(async move {
             a.process_in_context("k", None, Default::default(), |context| async move {
                 faulty.stall_everything(true);
                 started.store(true, Ordering::SeqCst);
-                let started = std::time::Instant::now();
-                while !context.is_cancelled() && started.elapsed() < PATIENCE {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                // Blocking the way tokio asks for: a worker blocked without `block_in_place`
+                // also stops tokio's timers and I/O now and then (~1 run in 100 with two
+                // workers), renewals included, which no task of idem's can get around.
+                tokio::task::block_in_place(|| {
+                    while !context.is_cancelled() && !give_up.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                });
                 Ok::<_, HandlerError>(if context.is_cancelled() {
                     "cancelled"
                 } else {
@@ -888,6 +898,7 @@ async fn a_handler_that_blocks_its_thread_still_sees_its_claim_lost() {
         })
     };
     assert!(eventually(PATIENCE, || async { started.load(Ordering::SeqCst) }).await);
+    let began = std::time::Instant::now();
     let taken = eventually(PATIENCE, || async {
         match b.claim("k", None).await {
             Ok(Claim::Acquired(held)) => held.complete("b").await.is_ok(),
@@ -896,14 +907,18 @@ async fn a_handler_that_blocks_its_thread_still_sees_its_claim_lost() {
     })
     .await;
     assert!(taken, "B takes the message over once A's lease ended");
+    let taken_after = began.elapsed();
     faulty.stall_everything(false);
+    let told = eventually(PATIENCE, || async { running.is_finished() }).await;
+    give_up.store(true, Ordering::SeqCst);
     let outcome = tokio::time::timeout(PATIENCE, running)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
     assert!(
-        matches!(&outcome, Outcome::LeaseLost { result: Ok(output) } if output == "cancelled"),
-        "{outcome:?}"
+        told && matches!(&outcome, Outcome::LeaseLost { result: Ok(output) } if output == "cancelled"),
+        "B took over {taken_after:?} after A's handler started; A's handler was told within \
+         {PATIENCE:?} after that: {told}; {outcome:?}"
     );
 }
