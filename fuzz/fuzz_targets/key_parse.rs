@@ -1,9 +1,9 @@
-//! `idem::Key::parse` and `parse_with_max_len` on arbitrary header values: never panic, and
+//! `idem_core::Key::parse` and `parse_with_max_len` on arbitrary header values: never panic, and
 //! every key they accept is 1 to `max_len` printable ASCII characters that `Key::new`
 //! accepts as the same key.
 #![no_main]
 
-use idem::{DEFAULT_MAX_KEY_LEN, Key};
+use idem_core::{DEFAULT_MAX_KEY_LEN, Key};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-fn check(value: &[u8], max_len: usize, parsed: Result<Key, idem::KeyError>) {
+fn check(value: &[u8], max_len: usize, parsed: Result<Key, idem_core::KeyError>) {
     let key = match parsed {
         Ok(key) => key,
         Err(err) => {

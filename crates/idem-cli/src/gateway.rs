@@ -15,7 +15,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use idem::Store;
+use idem_core::Store;
 use idem_http::{
     BodyBudget, Idempotency, IdempotencyError, IdempotencyLayer, IdempotencyStats, NotSent,
     PROBLEM_JSON, Problem,

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idem::SystemClock;
-use idem::{
+use idem_core::SystemClock;
+use idem_core::{
     Begin, Fingerprint, Lease, MemoryStore, Record, ScopedKey, Store, StoreError, Stored, Token,
 };
 use idem_postgres::{PostgresOptions, PostgresStore};
@@ -110,7 +110,8 @@ impl StoreUrl {
         Ok(match self {
             Self::Memory => {
                 let store = Arc::new(MemoryStore::new());
-                let sweeper = idem::spawn_sweeper(Arc::clone(&store), Duration::from_secs(1), 1024);
+                let sweeper =
+                    idem_core::spawn_sweeper(Arc::clone(&store), Duration::from_secs(1), 1024);
                 Arc::new(Swept::new(store, sweeper))
             }
             // redb sweeps on its own writer thread.
@@ -144,7 +145,7 @@ impl StoreUrl {
                     .await
                     .map_err(StoreUrlError::Postgres)?;
                 // Every gateway sweeps; an advisory lock lets one at a time do the work.
-                let sweeper = idem::spawn_sweeper(store.clone(), Duration::from_secs(5), 1000);
+                let sweeper = idem_core::spawn_sweeper(store.clone(), Duration::from_secs(5), 1000);
                 Arc::new(Swept::new(Arc::new(store), sweeper))
             }
         })

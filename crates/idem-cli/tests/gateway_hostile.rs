@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use common::*;
 use http::Request;
-use idem::testing::FaultyStore;
-use idem::{MemoryStore, Store};
 use idem_cli::config::Overrides;
 use idem_cli::gateway::{Gateway, ServeError, serve_until, serve_with_store};
+use idem_core::testing::FaultyStore;
+use idem_core::{MemoryStore, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

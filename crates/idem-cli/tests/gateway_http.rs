@@ -8,8 +8,8 @@ use std::time::Duration;
 use axum::body::Body;
 use common::*;
 use http::{HeaderValue, Method, Request};
-use idem::RecordState;
 use idem_cli::config::Overrides;
+use idem_core::RecordState;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_key_is_forwarded_once_stored_and_returned() {

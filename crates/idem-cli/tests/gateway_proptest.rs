@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::body::Body;
 use common::*;
 use http::{HeaderValue, Request};
-use idem::Key;
+use idem_core::Key;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 

@@ -9,7 +9,7 @@ use axum::body::Body;
 use common::*;
 use http::Request;
 
-use idem::testing::FailingStore;
+use idem_core::testing::FailingStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_store_is_503_with_retry_after_and_the_upstream_is_never_called() {

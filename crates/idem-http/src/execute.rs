@@ -6,7 +6,7 @@ use http::request::Parts;
 use http::{Request, Response, response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use idem::{BoxError, HoldOptions, Holder, Lease, ScopedKey, Store, StoreError, Stored};
+use idem_core::{BoxError, HoldOptions, Holder, Lease, ScopedKey, Store, StoreError, Stored};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 

@@ -5,7 +5,7 @@ use http::HeaderName;
 use http::HeaderValue;
 use http::header::COOKIE;
 use http::request::Parts;
-use idem::{Key, Scope};
+use idem_core::{Key, Scope};
 
 use crate::IdempotencyError;
 use crate::policy::ScopeSource;
@@ -18,7 +18,7 @@ use crate::policy::ScopeSource;
 ///
 /// ```
 /// use http::request::Parts;
-/// use idem::{MemoryStore, Scope};
+/// use idem_core::{MemoryStore, Scope};
 /// use idem_http::IdempotencyLayer;
 ///
 /// #[derive(Clone)]
@@ -60,7 +60,7 @@ where
 /// keys are not found.
 ///
 /// ```
-/// use idem::Scope;
+/// use idem_core::Scope;
 /// use idem_http::{IdempotencyPolicy, MakeScope, ScopeFromRequest};
 ///
 /// let parts = |name: &str, value: &str| {

@@ -2,7 +2,7 @@
 //! JSON pointers.
 //!
 //! A request's fingerprint hashes, each as a labelled part (see
-//! [`idem::FingerprintBuilder`]): the method, the path, the query, every configured header
+//! [`idem_core::FingerprintBuilder`]): the method, the path, the query, every configured header
 //! (each value, or a marker that it is absent) and the body. With `json_canonical`, a JSON
 //! body enters as [`canonical_json`] instead of its raw bytes, so key order, whitespace and
 //! the fields named by `json_ignore` make no difference.
@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use http::header::CONTENT_TYPE;
 use http::request::Parts;
-use idem::Fingerprint;
+use idem_core::Fingerprint;
 use serde_json::Value;
 
 use crate::policy::Config;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use idem::{Store, TimeoutStore};
+use idem_core::{Store, TimeoutStore};
 use tower::Layer;
 
 use crate::budget::BodyBudget;
@@ -20,7 +20,7 @@ use crate::stats::IdempotencyStats;
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem::MemoryStore;
+/// use idem_core::MemoryStore;
 /// use idem_http::{IdempotencyLayer, IdempotencyPolicy, OnConflict};
 ///
 /// let policy = IdempotencyPolicy {

@@ -3,7 +3,7 @@
 //! A client that timed out and retries `POST /payments` with the same `Idempotency-Key`
 //! must get the first answer back, not a second charge. [`IdempotencyLayer`] gives any
 //! tower HTTP service (an axum router, a hyper service, a proxy) that behaviour, keeping
-//! its records in any [`idem::Store`].
+//! its records in any [`idem_core::Store`].
 //!
 //! It follows the IETF draft *The Idempotency-Key HTTP Header Field* and Stripe's
 //! behaviour where the draft is silent:
@@ -95,7 +95,7 @@
 //! use axum::{Router, body::Body, routing::post};
 //! use http::{Request, StatusCode};
 //! use http_body_util::BodyExt;
-//! use idem::MemoryStore;
+//! use idem_core::MemoryStore;
 //! use idem_http::{IdempotencyLayer, IdempotencyPolicy};
 //! use tower::ServiceExt;
 //!
@@ -142,7 +142,7 @@
 //! # use axum::body::Body;
 //! # use http::{Request, Response};
 //! # use hyper::body::Incoming;
-//! # use idem::MemoryStore;
+//! # use idem_core::MemoryStore;
 //! # use idem_http::IdempotencyLayer;
 //! # use tower::{Layer, ServiceExt};
 //! # async fn run(stream: tokio::net::TcpStream) {

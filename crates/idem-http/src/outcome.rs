@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use idem::{Key, Scope};
+use idem_core::{Key, Scope};
 
 use crate::IdempotencyError;
 use crate::path::PathError;

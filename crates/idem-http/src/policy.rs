@@ -161,7 +161,7 @@ impl Default for IdempotencyPolicy {
             header: "Idempotency-Key".to_owned(),
             methods: vec!["POST".to_owned(), "PATCH".to_owned()],
             key_required: false,
-            max_key_len: idem::DEFAULT_MAX_KEY_LEN,
+            max_key_len: idem_core::DEFAULT_MAX_KEY_LEN,
             lease: Duration::from_secs(60),
             retention: Duration::from_secs(24 * 60 * 60),
             max_request_body: 1024 * 1024,

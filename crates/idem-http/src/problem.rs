@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
-use idem::{BoxError, KeyError, StoreError};
+use idem_core::{BoxError, KeyError, StoreError};
 use serde::Serialize;
 
 use crate::{IDEMPOTENCY_KEY_EXPIRES, fmt_http_date};

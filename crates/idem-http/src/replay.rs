@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::header::CONNECTION;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Body;
-use idem::{StoreError, Stored};
+use idem_core::{StoreError, Stored};
 
 use crate::IDEMPOTENT_REPLAYED;
 use crate::body::IdempotencyBody;

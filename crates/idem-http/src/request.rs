@@ -9,7 +9,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH};
 use http::{HeaderMap, HeaderValue};
 use http_body::Body;
 use http_body_util::BodyExt;
-use idem::BoxError;
+use idem_core::BoxError;
 use tokio::time::Instant;
 
 use crate::budget::Reserved;

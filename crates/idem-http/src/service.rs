@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use idem::{Begin, BoxError, Fingerprint, ScopedKey, Store, StoreError, Stored, TimeoutStore};
+use idem_core::{Begin, BoxError, Fingerprint, ScopedKey, Store, StoreError, Stored, TimeoutStore};
 use tokio::time::Instant;
 use tower::Service;
 

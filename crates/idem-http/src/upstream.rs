@@ -3,7 +3,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 
-use idem::BoxError;
+use idem_core::BoxError;
 
 /// An inner-service error that proves the request never reached its destination: the
 /// connection was refused or never opened within its timeout, so no byte of the request

@@ -11,7 +11,7 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use idem::MemoryStore;
+use idem_core::MemoryStore;
 use idem_http::{IdempotencyLayer, IdempotencyPolicy, OnConflict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use idem::MemoryStore;
+use idem_core::MemoryStore;
 use idem_http::IdempotencyLayer;
 use tower::{Layer, ServiceExt};
 

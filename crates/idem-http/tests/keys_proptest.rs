@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Body;
 use http::{HeaderValue, Request, Response};
-use idem::{Key, MemoryStore};
+use idem_core::{Key, MemoryStore};
 use idem_http::IdempotencyLayer;
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt};

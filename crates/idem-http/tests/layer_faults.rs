@@ -14,8 +14,8 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use idem::testing::FaultyStore;
-use idem::{MemoryStore, Store};
+use idem_core::testing::FaultyStore;
+use idem_core::{MemoryStore, Store};
 use idem_http::{
     BodyBudget, IdempotencyLayer, IdempotencyPolicy, NotSent, OnConflict, UnknownOutcome,
 };

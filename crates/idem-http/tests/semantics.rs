@@ -11,8 +11,8 @@ use axum::body::Body;
 use bytes::Bytes;
 use common::{Answer, Harness, Proxy, Upstream, post, unreachable_inner, with_body};
 use http::{HeaderValue, Method, Request, StatusCode};
-use idem::testing::FailingStore;
-use idem::{BoxError, Key, MemoryStore, RecordState, Scope, ScopedKey, Store};
+use idem_core::testing::FailingStore;
+use idem_core::{BoxError, Key, MemoryStore, RecordState, Scope, ScopedKey, Store};
 use idem_http::{IdempotencyLayer, IdempotencyPolicy, NotSent, OnConflict, ReplayHeaders};
 use tower::{Layer, ServiceExt};
 

@@ -5,7 +5,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
+//! use idem_core::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
 //! use idem_postgres::{PostgresOptions, PostgresStore};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -50,7 +50,7 @@
 //!   its statement once more (READ COMMITTED: its snapshot predates that commit).
 //! - **The server's clock.** Every lease and retention is measured with the database's
 //!   `now()`, so gateways with skewed clocks agree. Durations are sent as intervals (with
-//!   microsecond precision); one past [`idem::transition::MAX_SPAN`] (about 100 years) is
+//!   microsecond precision); one past [`idem_core::transition::MAX_SPAN`] (about 100 years) is
 //!   refused with [`StoreError::DurationOutOfRange`] before anything is sent.
 //! - **Fencing tokens** come from a sequence (`<table>_token_seq`), so they grow per key
 //!   across takeovers, releases and expiry: a takeover draws its token while it holds the
@@ -65,7 +65,7 @@
 //!   `expires_at`); a sweep takes a transaction-scoped advisory lock named after the table
 //!   (`pg_try_advisory_xact_lock(hashtextextended('idem-postgres sweep <table>', 0))`), so
 //!   of many gateways only one sweeps at a time and the others return `Ok(0)` at once. Run
-//!   [`PostgresStore::spawn_sweeper`] (or [`idem::spawn_sweeper`]) in every gateway.
+//!   [`PostgresStore::spawn_sweeper`] (or [`idem_core::spawn_sweeper`]) in every gateway.
 //!
 //! ## The table and its migrations
 //!
@@ -109,7 +109,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use idem::{
+use idem_core::{
     Begin, Fingerprint, Lease, Record, RecordState, ScopedKey, Store, StoreError, Stored, Token,
     transition,
 };
@@ -403,10 +403,10 @@ impl PostgresStore {
     }
 
     /// Sweeps expired records every `every`, `batch` at a time, until the handle is aborted
-    /// (see [`idem::spawn_sweeper`]). Safe to run in every gateway: only one sweeps at a time.
+    /// (see [`idem_core::spawn_sweeper`]). Safe to run in every gateway: only one sweeps at a time.
     /// Must be called within a Tokio runtime.
     pub fn spawn_sweeper(&self, every: Duration, batch: usize) -> tokio::task::JoinHandle<()> {
-        idem::spawn_sweeper(self.clone(), every, batch)
+        idem_core::spawn_sweeper(self.clone(), every, batch)
     }
 
     /// Closes the pool's connections, waiting for calls in progress.

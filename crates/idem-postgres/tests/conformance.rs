@@ -3,7 +3,7 @@
 
 mod common;
 
-use idem::testing::{Subject, TimeTravel};
+use idem_core::testing::{Subject, TimeTravel};
 use idem_postgres::{PostgresOptions, PostgresStore};
 
 use common::{SchemaGuard, database_url};
@@ -19,4 +19,4 @@ async fn postgres() -> Subject<PostgresStore> {
     Subject::with_guard(store, TimeTravel::Real, guard)
 }
 
-idem::conformance_suite!(postgres);
+idem_core::conformance_suite!(postgres);

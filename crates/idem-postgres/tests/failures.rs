@@ -7,7 +7,7 @@ mod common;
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
-use idem::{Fingerprint, Key, Scope, ScopedKey, Store, StoreError, Stored, Token};
+use idem_core::{Fingerprint, Key, Scope, ScopedKey, Store, StoreError, Stored, Token};
 use idem_postgres::sqlx::{self, Connection, PgConnection};
 use idem_postgres::{ConnectError, PostgresOptions, PostgresStore};
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
+use idem_core::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
 use idem_postgres::sqlx::{self, Connection, PgConnection};
 use idem_postgres::{ConnectError, PostgresOptions, PostgresStore};
 

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Token};
+use idem_core::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Token};
 use idem_postgres::{PostgresOptions, PostgresStore};
 use tokio::sync::Barrier;
 
@@ -203,7 +203,7 @@ async fn a_claim_committed_while_begin_waits_on_it_is_reported() {
             .unwrap(),
     );
     let table = store.table();
-    let outcome = idem::Stored::new(201).with_body("done elsewhere");
+    let outcome = idem_core::Stored::new(201).with_body("done elsewhere");
     // (key, record the other session writes in its open transaction, what begin must say)
     type Case = (&'static str, &'static str, fn(&Begin) -> bool);
     let cases: [Case; 3] = [
@@ -273,7 +273,7 @@ async fn a_claim_committed_while_begin_waits_on_it_is_reported() {
 /// that commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_complete_behind_its_committing_first_attempt_succeeds() {
-    use idem::Stored;
+    use idem_core::Stored;
     use idem_postgres::sqlx::{self, Connection, PgConnection};
 
     let guard = SchemaGuard::new();
@@ -326,7 +326,7 @@ async fn a_retried_complete_behind_its_committing_first_attempt_succeeds() {
         .unwrap()
         .expect("the retry is answered, not lost");
     assert_eq!(
-        idem::unix_millis(expires_at),
+        idem_core::unix_millis(expires_at),
         u64::try_from(expires_us / 1000).unwrap()
     );
     match store

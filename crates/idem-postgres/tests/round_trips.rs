@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
+use idem_core::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
 use idem_postgres::{PostgresOptions, PostgresStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

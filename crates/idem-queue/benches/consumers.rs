@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use idem::{MemoryStore, Scope, Store};
+use idem_core::{MemoryStore, Scope, Store};
 use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions, publish_with_headers};
 use idem_queue::rabbitmq::{Publisher, RabbitConsumer, RabbitOptions};
 use idem_queue::{Deduplicator, HandlerError, Settlement};

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use bytes::Bytes;
-use idem::Scope;
+use idem_core::Scope;
 use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions, publish};
 use idem_queue::runner::{self, BoxError, RunOptions};
 use idem_queue::{Deduplicator, HandlerError, ResultExt};

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use idem::Scope;
+use idem_core::Scope;
 use idem_queue::rabbitmq::{Publisher, RabbitConsumer, RabbitOptions};
 use idem_queue::runner::{self, BoxError, RunOptions};
 use idem_queue::{Deduplicator, HandlerError, RetryPolicy};

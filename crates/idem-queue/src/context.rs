@@ -77,7 +77,7 @@ impl Cancellation {
 /// the handler ran do not count.
 ///
 /// ```
-/// use idem::{MemoryStore, Scope};
+/// use idem_core::{MemoryStore, Scope};
 /// use idem_queue::{Deduplicator, DeliveryAttempt, HandlerError, Outcome};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -152,7 +152,7 @@ impl MessageContext {
 /// last attempt, dead-lettered).
 ///
 /// ```
-/// use idem::{MemoryStore, Scope};
+/// use idem_core::{MemoryStore, Scope};
 /// use idem_queue::{Deduplicator, Outcome, PanicPolicy};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {

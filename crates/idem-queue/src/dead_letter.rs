@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use idem::{Begin, Key, RecordState, Scope, ScopedKey, Store, StoreError, Stored, transition};
+use idem_core::{Begin, Key, RecordState, Scope, ScopedKey, Store, StoreError, Stored, transition};
 
 use crate::{DedupError, Deduplicator, status};
 
@@ -194,7 +194,7 @@ impl<S: Store> Deduplicator<S> {
     ///
     /// ```
     /// use bytes::Bytes;
-    /// use idem::{MemoryStore, Scope};
+    /// use idem_core::{MemoryStore, Scope};
     /// use idem_queue::{DeadLetter, DeadLetterReason, Deduplicator, HandlerError, Outcome, ResultExt};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -297,7 +297,7 @@ impl<S: Store> Deduplicator<S> {
     /// ```
     /// use std::time::{Duration, SystemTime};
     /// use bytes::Bytes;
-    /// use idem::{MemoryStore, Scope};
+    /// use idem_core::{MemoryStore, Scope};
     /// use idem_queue::{DeadLetter, DeadLetterReason, Deduplicator};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {

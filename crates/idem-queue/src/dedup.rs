@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use idem::{
+use idem_core::{
     Begin, Fingerprint, Holder, Key, KeyError, Lease, Record, Scope, ScopedKey, Store, StoreError,
     Stored, TimeoutStore,
 };
@@ -169,7 +169,7 @@ pub(crate) struct Inner<S> {
 ///
 /// ```
 /// use bytes::Bytes;
-/// use idem::{MemoryStore, Scope};
+/// use idem_core::{MemoryStore, Scope};
 /// use idem_queue::{Deduplicator, Outcome};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -226,7 +226,7 @@ impl<S: Store> Deduplicator<S> {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use idem::{MemoryStore, Scope};
+    /// use idem_core::{MemoryStore, Scope};
     /// use idem_queue::{DedupOptions, Deduplicator};
     ///
     /// let options = DedupOptions { lease: Duration::from_secs(5), ..DedupOptions::default() };
@@ -265,7 +265,7 @@ impl<S: Store> Deduplicator<S> {
     /// The same deduplicator, with `policy` for handlers that panic.
     ///
     /// ```
-    /// use idem::{MemoryStore, Scope};
+    /// use idem_core::{MemoryStore, Scope};
     /// use idem_queue::{Deduplicator, PanicPolicy};
     ///
     /// let dedup = Deduplicator::new(MemoryStore::new(), Scope::new("s")).with_panic_policy(PanicPolicy::Hold);
@@ -332,7 +332,7 @@ impl<S: Store> Deduplicator<S> {
     /// The record key a message id maps to.
     ///
     /// ```
-    /// use idem::{MemoryStore, Scope};
+    /// use idem_core::{MemoryStore, Scope};
     /// use idem_queue::Deduplicator;
     ///
     /// let dedup = Deduplicator::new(MemoryStore::new(), Scope::new("s"));
@@ -418,7 +418,7 @@ impl<S: Store> Deduplicator<S> {
     /// now is the last allowed one.
     ///
     /// ```
-    /// use idem::{MemoryStore, Scope};
+    /// use idem_core::{MemoryStore, Scope};
     /// use idem_queue::{DeliveryAttempt, DeadLetterReason, Deduplicator, HandlerError, Outcome};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -498,7 +498,7 @@ impl<S: Store> Deduplicator<S> {
     /// [Counting attempts](Self#counting-attempts).
     ///
     /// ```
-    /// use idem::{MemoryStore, Scope};
+    /// use idem_core::{MemoryStore, Scope};
     /// use idem_queue::{Deduplicator, HandlerError};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {

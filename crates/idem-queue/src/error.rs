@@ -4,7 +4,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 
-use idem::{BoxError, KeyError, StoreError};
+use idem_core::{BoxError, KeyError, StoreError};
 
 #[cfg(doc)]
 use crate::{DedupOptions, Held, Outcome};

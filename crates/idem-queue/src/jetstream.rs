@@ -49,7 +49,7 @@
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
-//! use idem::{MemoryStore, Scope};
+//! use idem_core::{MemoryStore, Scope};
 //! use idem_queue::Deduplicator;
 //! use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions};
 //! use async_nats::jetstream::{self, consumer::pull};
@@ -93,7 +93,7 @@ use async_nats::jetstream::message::{AckKind, PublishMessage};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{Context, Message};
 use bytes::Bytes;
-use idem::{Fingerprint, Store};
+use idem_core::{Fingerprint, Store};
 
 use crate::settle::{Handled, RetryPolicy, Settlement, dead_letter_error};
 use crate::{
@@ -391,7 +391,7 @@ impl<S: Store> JetStreamConsumer<S> {
 
         let mut attempt = None;
         let outcome = if !has_id {
-            Err(crate::DedupError::InvalidId(idem::KeyError::Empty))
+            Err(crate::DedupError::InvalidId(idem_core::KeyError::Empty))
         } else {
             match self.dedup.claim(&id, fingerprint.as_ref()).await {
                 Ok(Claim::Acquired(held)) => {

@@ -4,7 +4,7 @@
 //! wire, a producer that re-publishes after a timeout: each hands a handler the same
 //! message again. This crate makes the *effects* of those deliveries happen once.
 //!
-//! - [`Deduplicator`]: over any idem [`Store`](idem::Store) (memory, redb, Redis,
+//! - [`Deduplicator`]: over any idem [`Store`](idem_core::Store) (memory, redb, Redis,
 //!   Postgres), runs a message's handler once per message id, stores its outcome, and
 //!   answers duplicates from it. Long handlers keep their claim alive; failed runs are
 //!   counted in the store (any broker, any queue type) and retried or, when permanent or
@@ -52,7 +52,7 @@
 //! ## Leases
 //!
 //! A claim is a lease ([`DedupOptions::lease`], default 30 s), renewed every third of it
-//! while the handler runs, by the core crate's [`idem::Holder`] on a task of its own (so
+//! while the handler runs, by the core crate's [`idem_core::Holder`] on a task of its own (so
 //! the renewal does not depend on the handler's future being polled). Another consumer
 //! receiving the message meanwhile is told it is in flight and redelivers it later. If a
 //! consumer dies, its messages are taken over when the lease ends; keep the lease short
@@ -61,7 +61,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use idem::{MemoryStore, Scope};
+//! use idem_core::{MemoryStore, Scope};
 //! use idem_queue::{DeliveryAttempt, Deduplicator, HandlerError, Outcome};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -115,7 +115,7 @@ pub use settle::{Handled, RetryPolicy, Settlement};
 
 #[cfg(feature = "jetstream")]
 pub use async_nats;
-pub use idem;
+pub use idem_core;
 #[cfg(feature = "rabbitmq")]
 pub use lapin;
 #[cfg(feature = "postgres")]

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 #[cfg(doc)]
-use idem::StoreError;
-use idem::{HoldOptions, Scope};
+use idem_core::StoreError;
+use idem_core::{HoldOptions, Scope};
 
 #[cfg(doc)]
 use crate::{Deduplicator, Outcome};
@@ -106,7 +106,7 @@ impl DedupOptions {
         self.renew_every.unwrap_or(self.lease / 3)
     }
 
-    /// The lease lifecycle these options ask for, as the core crate's [`Holder`](idem::Holder) takes it.
+    /// The lease lifecycle these options ask for, as the core crate's [`Holder`](idem_core::Holder) takes it.
     ///
     /// ```
     /// use std::time::Duration;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use idem::{StoreError, Stored};
+use idem_core::{StoreError, Stored};
 
 #[cfg(doc)]
 use crate::DedupOptions;

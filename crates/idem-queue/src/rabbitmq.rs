@@ -50,7 +50,7 @@
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
-//! use idem::{MemoryStore, Scope};
+//! use idem_core::{MemoryStore, Scope};
 //! use idem_queue::Deduplicator;
 //! use idem_queue::rabbitmq::{RabbitConsumer, RabbitOptions};
 //! use lapin::options::{BasicConsumeOptions, BasicQosOptions};
@@ -87,7 +87,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use idem::{Fingerprint, Store};
+use idem_core::{Fingerprint, Store};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions,
@@ -437,7 +437,7 @@ impl<S: Store> RabbitConsumer<S> {
         let mut attempt = None;
         let (id, has_id, outcome) = match self.message_id(delivery) {
             None => {
-                let error = crate::DedupError::InvalidId(idem::KeyError::Empty);
+                let error = crate::DedupError::InvalidId(idem_core::KeyError::Empty);
                 // Keyed by content, so redeliveries of one id-less message share a dead letter.
                 let id = format!("no-message-id:{}", blake3::hash(&delivery.data).to_hex());
                 (id, false, Err(error))

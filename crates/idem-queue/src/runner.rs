@@ -32,7 +32,7 @@
 //!   the broker redelivers the message and it is answered as a duplicate.
 //!
 //! ```no_run
-//! use idem::{MemoryStore, Scope};
+//! use idem_core::{MemoryStore, Scope};
 //! use idem_queue::Deduplicator;
 //! use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions};
 //! use idem_queue::runner::{self, RunOptions};
@@ -417,7 +417,7 @@ pub mod jetstream {
     use async_nats::jetstream::message::AckKind;
     use bytes::Bytes;
     use futures_util::{FutureExt, StreamExt};
-    use idem::Store;
+    use idem_core::Store;
 
     use super::{BoxError, Done, HandlerSlots, RunOptions, RunReport, Source, drive};
     use crate::jetstream::JetStreamConsumer;
@@ -680,7 +680,7 @@ pub mod rabbitmq {
 
     use bytes::Bytes;
     use futures_util::{FutureExt, StreamExt};
-    use idem::Store;
+    use idem_core::Store;
     use lapin::message::Delivery;
     use lapin::options::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use idem::testing::FaultyStore;
-use idem::{
+use idem_core::testing::FaultyStore;
+use idem_core::{
     Begin, Clock, Fingerprint, Key, MemoryStore, RecordState, Scope, ScopedKey, Store, StoreError,
 };
 use idem_postgres::{PostgresOptions, PostgresStore};

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use idem::testing::FailingStore;
-use idem::{MemoryStore, Scope};
+use idem_core::testing::FailingStore;
+use idem_core::{MemoryStore, Scope};
 use idem_queue::async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use idem_queue::async_nats::jetstream::{self, Context, stream};
 use idem_queue::inbox::{Inbox, InboxOutcome};
@@ -855,7 +855,7 @@ async fn a_store_that_cannot_be_reached_naks_and_runs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_blocks_its_thread_still_sees_its_claim_lost() {
     let shared = Arc::new(MemoryStore::new());
-    let faulty = Arc::new(idem::testing::FaultyStore::new(Arc::clone(&shared)));
+    let faulty = Arc::new(idem_core::testing::FaultyStore::new(Arc::clone(&shared)));
     let options = DedupOptions {
         lease: Duration::from_millis(300),
         store_timeout: Duration::from_millis(50),

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use idem::testing::{FailingStore, FaultyStore};
-use idem::{MemoryStore, Scope};
+use idem_core::testing::{FailingStore, FaultyStore};
+use idem_core::{MemoryStore, Scope};
 use idem_queue::inbox::{Inbox, InboxOutcome};
 use idem_queue::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, Context, stream};
 use bytes::Bytes;
-use idem::{MemoryStore, Scope};
+use idem_core::{MemoryStore, Scope};
 use idem_queue::jetstream::{JetStreamConsumer, JetStreamOptions};
 use idem_queue::rabbitmq::{Publisher, RabbitConsumer, RabbitOptions};
 use idem_queue::runner::{self, BoxError, RunOptions, RunReport};

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use idem::{Begin, Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store, Stored};
+use idem_core::{Begin, Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store, Stored};
 use idem_redb::RedbStore;
 
 const LEASE: Duration = Duration::from_secs(60);

@@ -25,7 +25,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
+//! use idem_core::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
 //! use idem_redb::RedbStore;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -49,7 +49,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use idem::{
+use idem_core::{
     Begin, Clock, Fingerprint, Lease, Record, ScopedKey, Store, StoreError, Stored, SystemClock,
     Token, transition,
 };
@@ -372,8 +372,8 @@ impl Store for RedbStore {
 mod tests {
     use std::time::Instant;
 
-    use idem::testing::{fingerprint, scoped};
-    use idem::{ManualClock, Stored};
+    use idem_core::testing::{fingerprint, scoped};
+    use idem_core::{ManualClock, Stored};
 
     use super::*;
 

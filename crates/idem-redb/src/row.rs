@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use idem::{
+use idem_core::{
     Fingerprint, Record, RecordState, ScopedKey, StoreError, Stored, Token, from_unix_millis,
     unix_millis,
 };
@@ -146,7 +146,7 @@ pub(crate) fn expiry_entry(digest: &[u8; 32], kept_ms: u64) -> [u8; 40] {
 mod tests {
     use std::time::Duration;
 
-    use idem::{Key, Scope};
+    use idem_core::{Key, Scope};
 
     use super::*;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
-use idem::{
+use idem_core::{
     Begin, Clock, Fingerprint, Lease, Record, ScopedKey, StoreError, Stored, Token, transition,
     unix_millis,
 };

@@ -2,8 +2,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use idem::ManualClock;
-use idem::testing::{Subject, TimeTravel};
+use idem_core::ManualClock;
+use idem_core::testing::{Subject, TimeTravel};
 use idem_redb::{RedbOptions, RedbStore};
 
 async fn redb() -> Subject<RedbStore> {
@@ -18,13 +18,13 @@ async fn redb() -> Subject<RedbStore> {
     Subject::with_guard(store, TimeTravel::Manual(clock), dir)
 }
 
-idem::conformance_suite!(redb);
+idem_core::conformance_suite!(redb);
 
 #[test]
 fn redb_store_follows_the_model() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let cases = AtomicUsize::new(0);
-    idem::testing::model::check(|clock| {
+    idem_core::testing::model::check(|clock| {
         let n = cases.fetch_add(1, Ordering::Relaxed);
         let path = dir.path().join(format!("model-{n}.redb"));
         RedbStore::open_with(path, clock, RedbOptions::default()).expect("open store")

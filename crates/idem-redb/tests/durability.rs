@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use idem::{Begin, Fingerprint, Key, RecordState, Scope, ScopedKey, Store, Stored};
+use idem_core::{Begin, Fingerprint, Key, RecordState, Scope, ScopedKey, Store, Stored};
 use idem_redb::{OpenError, RedbStore};
 
 const CHILD_DB: &str = "IDEM_REDB_CHILD_DB";

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use idem::{Begin, Fingerprint, Key, ManualClock, Scope, ScopedKey, Store, Stored};
+use idem_core::{Begin, Fingerprint, Key, ManualClock, Scope, ScopedKey, Store, Stored};
 use idem_redb::{RedbOptions, RedbStore};
 
 fn key(i: usize) -> ScopedKey {

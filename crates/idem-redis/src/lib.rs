@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use idem::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
+//! use idem_core::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
 //! use idem_redis::{RedisOptions, RedisStore};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -67,7 +67,7 @@
 //! but its holder's late [`Store::complete`] still finds it, so a slow write never turns
 //! into a second execution.
 //!
-//! Leases and retentions are sent as whole milliseconds; one past [`idem::transition::MAX_SPAN`]
+//! Leases and retentions are sent as whole milliseconds; one past [`idem_core::transition::MAX_SPAN`]
 //! (about a hundred years, which keeps every time exact in Lua's numbers) is refused with
 //! [`StoreError::DurationOutOfRange`] before anything is sent.
 //!
@@ -117,7 +117,7 @@ use fred::interfaces::{ClientLike, LuaInterface};
 use fred::prelude::{Builder, ReconnectPolicy};
 use fred::types::scripts::Script;
 use fred::types::{ConnectHandle, Value};
-use idem::{
+use idem_core::{
     Begin, Fingerprint, Lease, Record, RecordState, ScopedKey, Store, StoreError, Stored, Token,
     from_unix_millis, to_millis, transition,
 };
@@ -270,7 +270,7 @@ impl RedisStore {
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-    /// use idem::{Key, Scope, ScopedKey};
+    /// use idem_core::{Key, Scope, ScopedKey};
     /// let store = idem_redis::RedisStore::connect("redis://127.0.0.1:6379").await?;
     /// let key = ScopedKey::new(Scope::anonymous(), Key::new("pay-1")?);
     /// let name = store.record_key(&key);

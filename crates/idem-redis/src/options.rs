@@ -28,7 +28,7 @@ pub struct RedisOptions {
     /// attempt (default 5 s, at most a day).
     pub connect_timeout: Duration,
     /// How long one command may take, queueing while disconnected included, before the
-    /// store call fails with [`StoreError::Backend`](idem::StoreError::Backend)
+    /// store call fails with [`StoreError::Backend`](idem_core::StoreError::Backend)
     /// (default 2 s, at most a day).
     pub command_timeout: Duration,
     /// How many connections (in a cluster: sets of connections, one per primary) the store

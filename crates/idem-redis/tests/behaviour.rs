@@ -9,8 +9,8 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem::testing::{fingerprint, scoped, scoped_in};
-use idem::{Begin, Store, StoreError, Stored};
+use idem_core::testing::{fingerprint, scoped, scoped_in};
+use idem_core::{Begin, Store, StoreError, Stored};
 use idem_redis::fred::interfaces::{HashesInterface, KeysInterface, LuaInterface};
 use idem_redis::fred::types::Value;
 use idem_redis::{ConnectError, RedisOptions, RedisStore};
@@ -134,7 +134,12 @@ async fn a_server_that_never_answers_times_out_as_a_backend_error() {
     let started = Instant::now();
     let answer = tokio::time::timeout(
         PATIENCE,
-        store.complete(&scoped("k"), idem::Token::new(1), &Stored::new(200), SHORT),
+        store.complete(
+            &scoped("k"),
+            idem_core::Token::new(1),
+            &Stored::new(200),
+            SHORT,
+        ),
     )
     .await
     .expect("complete gave up within its command timeout");
@@ -212,14 +217,14 @@ async fn a_record_is_one_hash_named_by_the_digest() {
     assert_eq!(text("token"), Some(lease.token.get().to_string()));
     assert_eq!(
         text("expires_ms"),
-        Some(idem::unix_millis(lease.expires_at).to_string())
+        Some(idem_core::unix_millis(lease.expires_at).to_string())
     );
     // Redis expires an in-flight record by itself one more lease length past the lease end
     // (so the holder's late complete still finds it), a completed one at its retention end.
     let expire_at: i64 = pool.pexpire_time(&name).await.unwrap();
     assert_eq!(
         u64::try_from(expire_at).unwrap(),
-        idem::unix_millis(lease.expires_at) + 60_000
+        idem_core::unix_millis(lease.expires_at) + 60_000
     );
     let retained = store
         .complete(
@@ -233,7 +238,7 @@ async fn a_record_is_one_hash_named_by_the_digest() {
     let expire_at: i64 = pool.pexpire_time(&name).await.unwrap();
     assert_eq!(
         u64::try_from(expire_at).unwrap(),
-        idem::unix_millis(retained)
+        idem_core::unix_millis(retained)
     );
 }
 

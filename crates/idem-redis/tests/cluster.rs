@@ -13,8 +13,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use idem::testing::{Subject, TimeTravel, fingerprint, scoped};
-use idem::{Begin, Store, Stored};
+use idem_core::testing::{Subject, TimeTravel, fingerprint, scoped};
+use idem_core::{Begin, Store, Stored};
 use idem_redis::RedisStore;
 use idem_redis::fred::interfaces::LuaInterface;
 
@@ -190,7 +190,7 @@ fn redis_cluster_passes_the_conformance_suite() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        idem::conformance_sequence!(|| subject(&url)).await;
+        idem_core::conformance_sequence!(|| subject(&url)).await;
         records_spread_over_every_primary(&cluster, &url).await;
         scripts_are_loaded_again_on_every_primary(&url).await;
     });

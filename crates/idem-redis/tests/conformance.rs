@@ -3,11 +3,11 @@
 
 mod common;
 
-use idem::testing::Subject;
+use idem_core::testing::Subject;
 use idem_redis::RedisStore;
 
 async fn redis() -> Subject<RedisStore> {
     common::single_node_subject().await
 }
 
-idem::conformance_suite!(redis);
+idem_core::conformance_suite!(redis);

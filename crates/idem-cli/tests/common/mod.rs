@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::Request;
-use idem::{Key, Record, Scope, ScopedKey, Store};
 use idem_cli::config::{GatewayConfig, Overrides};
 use idem_cli::gateway::{Gateway, serve_on};
+use idem_core::{Key, Record, Scope, ScopedKey, Store};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

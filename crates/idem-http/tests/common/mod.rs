@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use idem::{BoxError, MemoryStore, Store};
+use idem_core::{BoxError, MemoryStore, Store};
 use idem_http::{Idempotency, IdempotencyLayer, IdempotencyPolicy, IdempotencyStats, NotSent};
 use tower::{Layer, Service, ServiceExt};
 

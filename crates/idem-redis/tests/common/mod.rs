@@ -5,7 +5,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-use idem::testing::{Subject, TimeTravel};
+use idem_core::testing::{Subject, TimeTravel};
 use idem_redis::fred::interfaces::{ClientLike, KeysInterface};
 use idem_redis::fred::prelude::{Builder, Config};
 use idem_redis::{RedisOptions, RedisStore};

@@ -15,9 +15,9 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use idem::{Begin, Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store};
+//! use idem_core::{Begin, Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store};
 //!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem::StoreError> {
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::StoreError> {
 //! let store = MemoryStore::new();
 //! let key = ScopedKey::new(Scope::anonymous(), Key::parse(b"\"order-7\"").unwrap());
 //! let fingerprint = Fingerprint::builder().part("body", b"{}").finish();

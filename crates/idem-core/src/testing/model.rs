@@ -363,9 +363,9 @@ async fn run<S: Store>(
 /// The number of scenarios is `PROPTEST_CASES` from the environment, else 128.
 ///
 /// ```
-/// use idem::MemoryStore;
+/// use idem_core::MemoryStore;
 ///
-/// idem::testing::model::check(MemoryStore::with_clock);
+/// idem_core::testing::model::check(MemoryStore::with_clock);
 /// ```
 pub fn check<S: Store>(make: impl Fn(ManualClock) -> S) {
     let cases = std::env::var("PROPTEST_CASES")

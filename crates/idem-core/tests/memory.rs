@@ -1,7 +1,7 @@
 //! The conformance suite and the model test against the memory store.
 
-use idem::testing::{Subject, TimeTravel};
-use idem::{ManualClock, MemoryStore};
+use idem_core::testing::{Subject, TimeTravel};
+use idem_core::{ManualClock, MemoryStore};
 
 async fn memory() -> Subject<MemoryStore> {
     let clock = ManualClock::new();
@@ -11,9 +11,9 @@ async fn memory() -> Subject<MemoryStore> {
     )
 }
 
-idem::conformance_suite!(memory);
+idem_core::conformance_suite!(memory);
 
 #[test]
 fn memory_store_follows_the_model() {
-    idem::testing::model::check(MemoryStore::with_clock);
+    idem_core::testing::model::check(MemoryStore::with_clock);
 }

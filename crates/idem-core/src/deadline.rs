@@ -19,7 +19,7 @@ use crate::{Fingerprint, ScopedKey};
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem::{Key, MemoryStore, Scope, ScopedKey, Store, TimeoutStore};
+/// use idem_core::{Key, MemoryStore, Scope, ScopedKey, Store, TimeoutStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let store = TimeoutStore::new(MemoryStore::new(), Duration::from_secs(2));

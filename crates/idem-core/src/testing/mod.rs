@@ -4,15 +4,15 @@
 //! makes a fresh, isolated [`Subject`]:
 //!
 //! ```
-//! use idem::testing::{Subject, TimeTravel};
-//! use idem::{ManualClock, MemoryStore};
+//! use idem_core::testing::{Subject, TimeTravel};
+//! use idem_core::{ManualClock, MemoryStore};
 //!
 //! async fn memory() -> Subject<MemoryStore> {
 //!     let clock = ManualClock::new();
 //!     Subject::new(MemoryStore::with_clock(clock.clone()), TimeTravel::Manual(clock))
 //! }
 //!
-//! idem::conformance_suite!(memory);
+//! idem_core::conformance_suite!(memory);
 //! # fn main() {}
 //! ```
 //!
@@ -837,15 +837,15 @@ macro_rules! conformance_suite {
 /// server the test starts once and shares, such as a Redis Cluster. Evaluates to a future.
 ///
 /// ```
-/// use idem::testing::{Subject, TimeTravel};
-/// use idem::{ManualClock, MemoryStore};
+/// use idem_core::testing::{Subject, TimeTravel};
+/// use idem_core::{ManualClock, MemoryStore};
 ///
 /// # #[tokio::main] async fn main() {
 /// let make = || async {
 ///     let clock = ManualClock::new();
 ///     Subject::new(MemoryStore::with_clock(clock.clone()), TimeTravel::Manual(clock))
 /// };
-/// idem::conformance_sequence!(make).await;
+/// idem_core::conformance_sequence!(make).await;
 /// # }
 /// ```
 #[macro_export]
@@ -911,8 +911,8 @@ macro_rules! __conformance_emit {
 /// [`StoreError::Backend`]; it counts the calls. For testing what sits above a store.
 ///
 /// ```
-/// use idem::testing::{FailingStore, scoped, fingerprint};
-/// use idem::{Store, StoreError};
+/// use idem_core::testing::{FailingStore, scoped, fingerprint};
+/// use idem_core::{Store, StoreError};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let store = FailingStore::default();

@@ -8,7 +8,7 @@ use std::fmt;
 /// with the same key and another fingerprint is a mismatch, never a replay.
 ///
 /// ```
-/// use idem::Fingerprint;
+/// use idem_core::Fingerprint;
 ///
 /// let a = Fingerprint::builder().part("method", b"POST").part("body", b"{}").finish();
 /// let b = Fingerprint::builder().part("method", b"POST").part("body", b"{}").finish();
@@ -72,7 +72,7 @@ impl FingerprintBuilder {
     /// Adds one labelled part in place, for loops.
     ///
     /// ```
-    /// use idem::Fingerprint;
+    /// use idem_core::Fingerprint;
     ///
     /// let mut builder = Fingerprint::builder();
     /// for (name, value) in [("content-type", "application/json")] {

@@ -21,7 +21,7 @@ use crate::{Fingerprint, ScopedKey};
 /// Nothing survives the process; use `idem-redb` for durability.
 ///
 /// ```
-/// use idem::{ManualClock, MemoryStore};
+/// use idem_core::{ManualClock, MemoryStore};
 ///
 /// let clock = ManualClock::new();
 /// let store = MemoryStore::with_clock(clock.clone());

@@ -14,8 +14,8 @@ use crate::{Fingerprint, ScopedKey};
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem::testing::{FaultyStore, fingerprint, scoped};
-/// use idem::{Begin, MemoryStore, Store, Stored};
+/// use idem_core::testing::{FaultyStore, fingerprint, scoped};
+/// use idem_core::{Begin, MemoryStore, Store, Stored};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let store = FaultyStore::new(MemoryStore::new());

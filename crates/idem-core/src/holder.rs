@@ -18,7 +18,7 @@ use crate::store::{Store, StoreError};
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem::HoldOptions;
+/// use idem_core::HoldOptions;
 ///
 /// let options = HoldOptions::new(Duration::from_secs(60));
 /// assert_eq!(options.renew_every, Duration::from_secs(20));
@@ -81,10 +81,10 @@ impl LostSignal {
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem::{Begin, Fingerprint, HoldOptions, Holder, Key, MemoryStore, Scope, ScopedKey, Store, Stored};
+/// use idem_core::{Begin, Fingerprint, HoldOptions, Holder, Key, MemoryStore, Scope, ScopedKey, Store, Stored};
 /// use std::sync::Arc;
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem::StoreError> {
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::StoreError> {
 /// let store = Arc::new(MemoryStore::new());
 /// let key = ScopedKey::new(Scope::anonymous(), Key::new("order-1").unwrap());
 /// let fingerprint = Fingerprint::builder().part("body", b"{}").finish();

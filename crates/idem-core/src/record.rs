@@ -38,7 +38,7 @@ pub struct Lease {
 /// The outcome kept for replay: an HTTP response, or a message handler's result.
 ///
 /// ```
-/// use idem::Stored;
+/// use idem_core::Stored;
 ///
 /// let stored = Stored::new(201)
 ///     .with_header("content-type", "application/json")

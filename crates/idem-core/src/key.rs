@@ -13,7 +13,7 @@ pub const DEFAULT_MAX_KEY_LEN: usize = 255;
 /// of a bare key.
 ///
 /// ```
-/// use idem::Key;
+/// use idem_core::Key;
 ///
 /// let quoted = Key::parse(br#""order-1\"a""#).unwrap();
 /// let bare = Key::parse(br#"order-1"a"#).unwrap();
@@ -68,7 +68,7 @@ impl Key {
     /// Parses a header value, allowing keys of up to `max_len` characters.
     ///
     /// ```
-    /// use idem::{Key, KeyError};
+    /// use idem_core::{Key, KeyError};
     ///
     /// let err = Key::parse_with_max_len(b"abcdef", 4).unwrap_err();
     /// assert_eq!(err, KeyError::TooLong { len: 6, max: 4 });
@@ -98,7 +98,7 @@ impl Key {
     /// Makes a key from its literal text, without sf-string unquoting.
     ///
     /// ```
-    /// use idem::Key;
+    /// use idem_core::Key;
     ///
     /// assert_eq!(Key::new("a b").unwrap().as_str(), "a b");
     /// assert!(Key::new("tab\there").is_err());
@@ -154,7 +154,7 @@ impl fmt::Display for Key {
 /// tenants names two records.
 ///
 /// ```
-/// use idem::Scope;
+/// use idem_core::Scope;
 ///
 /// let a = Scope::from_secret(b"Bearer sk_live_a");
 /// let b = Scope::from_secret(b"Bearer sk_live_b");
@@ -195,7 +195,7 @@ impl Scope {
     /// testing guessed credentials offline.
     ///
     /// ```
-    /// use idem::Scope;
+    /// use idem_core::Scope;
     ///
     /// let key = Scope::key_from_secret(b"from IDEM_SCOPE_SECRET");
     /// let other = Scope::key_from_secret(b"another deployment");
@@ -234,7 +234,7 @@ impl fmt::Display for Scope {
 /// The name of a record: a key within its scope.
 ///
 /// ```
-/// use idem::{Key, Scope, ScopedKey};
+/// use idem_core::{Key, Scope, ScopedKey};
 ///
 /// let key = Key::new("order-1").unwrap();
 /// let a = ScopedKey::new(Scope::new("tenant-a"), key.clone());

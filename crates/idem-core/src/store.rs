@@ -73,7 +73,7 @@ impl StoreError {
 }
 
 /// Where records live. Every backend passes the same conformance suite
-/// (`idem::testing`, feature `testing`).
+/// (`idem_core::testing`, feature `testing`).
 ///
 /// The guarantees, for every implementation:
 /// - `begin` is one atomic step: of any number of concurrent `begin`s of an absent key,
@@ -99,9 +99,9 @@ impl StoreError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem::{Begin, Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store, Stored};
+/// use idem_core::{Begin, Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store, Stored};
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem::StoreError> {
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::StoreError> {
 /// let store = MemoryStore::new();
 /// let key = ScopedKey::new(Scope::anonymous(), Key::new("pay-1").unwrap());
 /// let fingerprint = Fingerprint::builder().part("body", b"{\"cents\":100}").finish();
@@ -223,7 +223,7 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use idem::{Begin, Fingerprint, Stored, Token, transition};
+/// use idem_core::{Begin, Fingerprint, Stored, Token, transition};
 ///
 /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
 /// let lease = Duration::from_secs(30);
@@ -260,7 +260,7 @@ pub mod transition {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use idem::{StoreError, transition};
+    /// use idem_core::{StoreError, transition};
     ///
     /// assert!(transition::span("begin", Duration::from_secs(30)).is_ok());
     /// assert!(matches!(
