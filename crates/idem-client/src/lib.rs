@@ -1,0 +1,1 @@
+//! A retrying HTTP client that keeps one `Idempotency-Key` per logical operation.
