@@ -39,8 +39,35 @@
 //!   reachable node will do; the client discovers the rest and follows slot moves
 //!   (`MOVED`/`ASK`). fred's own form, `redis-cluster://host:port?node=host:port`, works too.
 //!
-//! TLS (`rediss://`) is not compiled in. Redis 7.0 or later (or Valkey) is required: the
-//! scripts declare their flags (`#!lua`) and read the clock before writing.
+//! - `rediss://…` and `rediss+cluster://…`: the same over TLS (rustls, with the `ring`
+//!   provider). Without [`RedisOptions::tls`] the store trusts the system's certificate
+//!   authorities and presents no client certificate; set it to trust a private authority or
+//!   to present a client certificate (Redis asks for one unless `tls-auth-clients no`). In a
+//!   cluster every node is verified under the name the cluster announces for it (its IP
+//!   address unless `cluster-announce-hostname` is set), so its certificate must carry that
+//!   name.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use idem_redis::{RedisOptions, RedisStore, rustls};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut roots = rustls::RootCertStore::empty();
+//! # let my_ca = rustls::pki_types::CertificateDer::from(Vec::new());
+//! roots.add(my_ca)?; // e.g. read with rustls::pki_types::pem::PemObject
+//! let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+//!     rustls::crypto::ring::default_provider(),
+//! ))
+//! .with_safe_default_protocol_versions()?
+//! .with_root_certificates(roots)
+//! .with_no_client_auth();
+//! let options = RedisOptions { tls: Some(Arc::new(tls)), ..RedisOptions::default() };
+//! let store = RedisStore::connect_with("rediss://redis.internal:6380", options).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Redis 7.0 or later (or Valkey) is required: the scripts declare their flags (`#!lua`) and
+//! read the clock before writing.
 //!
 //! [`RedisStore::connect_with`] waits until Redis answers; [`RedisStore::connect_lazy`]
 //! returns at once and connects in the background, so a gateway can start while Redis is
@@ -124,6 +151,8 @@ use idem_core::{
 
 pub use fred;
 pub use options::{ConnectError, RedisOptions};
+/// The TLS library of [`RedisOptions::tls`], re-exported so its version always matches.
+pub use rustls;
 
 use crate::scripts::Scripts;
 
@@ -215,7 +244,7 @@ impl RedisStore {
         fail_fast: bool,
     ) -> Result<(Pool, Scripts, String), ConnectError> {
         options.validate()?;
-        let mut config = options::parse_url(url)?;
+        let mut config = options::parse_url(url, options.tls.as_ref())?;
         config.fail_fast = fail_fast;
         let pool = Builder::from_config(config)
             .with_connection_config(|connection| {

@@ -1,8 +1,10 @@
 //! How to reach Redis: URLs, options, and why connecting failed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::{Config, ServerConfig};
+use fred::types::config::TlsConfig;
 
 /// Tuning for a [`RedisStore`](crate::RedisStore); the defaults suit a gateway.
 ///
@@ -34,6 +36,12 @@ pub struct RedisOptions {
     /// How many connections (in a cluster: sets of connections, one per primary) the store
     /// spreads its commands over (default 4).
     pub pool_size: usize,
+    /// The TLS client settings for a `rediss://` URL (default `None`: trust the system's
+    /// certificate authorities, present no client certificate). Set it to trust a private
+    /// authority or to present a client certificate, as Redis asks by default
+    /// (`tls-auth-clients yes`). Only `rediss://` and `rediss+cluster://` URLs use TLS;
+    /// setting this with a plain `redis://` URL is refused rather than silently ignored.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// The longest timeout an option accepts: longer ones are mistakes, and would overflow
@@ -47,6 +55,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(2),
             pool_size: 4,
+            tls: None,
         }
     }
 }
@@ -120,20 +129,61 @@ pub enum ConnectError {
     Timeout(Duration),
 }
 
-/// Parses a store URL into the client's configuration.
+/// Parses a store URL into the client's configuration, with TLS set up when the scheme asks
+/// for it (`rediss…`): from `tls` if given, else trusting the system's authorities.
 ///
 /// - `redis://[user:password@]host[:port][/db]`: one node (or a primary behind a proxy);
 /// - `redis+cluster://[user:password@]host:port[,host:port...]`: a Redis Cluster, found
 ///   from any of the listed nodes;
-/// - `redis-cluster://host:port?node=host:port&...`: the `fred` spelling of the same.
-pub(crate) fn parse_url(url: &str) -> Result<Config, ConnectError> {
-    let invalid = |reason: &str, source: Option<fred::error::Error>| ConnectError::InvalidUrl {
-        reason: reason.to_owned(),
-        source,
-    };
+/// - `redis-cluster://host:port?node=host:port&...`: the `fred` spelling of the same;
+/// - each with an `s` for TLS: `rediss://`, `rediss+cluster://`, `rediss-cluster://`.
+pub(crate) fn parse_url(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Config, ConnectError> {
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| invalid("expected `redis://…` or `redis+cluster://…`", None))?;
+    // fred is handed the plain scheme so that it never builds a TLS client of its own: its
+    // default one takes rustls' process-wide crypto provider, which may be ambiguous (or
+    // absent) in a program that links several.
+    let (plain, uses_tls) = match scheme {
+        "rediss" => ("redis", true),
+        "rediss+cluster" => ("redis+cluster", true),
+        "rediss-cluster" => ("redis-cluster", true),
+        "valkeys" => ("valkey", true),
+        "valkeys+cluster" => ("valkey+cluster", true),
+        "valkeys-cluster" => ("valkey-cluster", true),
+        other => (other, false),
+    };
+    let mut config = parse_plain_url(plain, rest)?;
+    match (uses_tls, tls) {
+        (true, Some(tls)) => {
+            config.tls = Some(TlsConfig::from(rustls::ClientConfig::clone(tls)));
+        }
+        (true, None) => config.tls = Some(TlsConfig::from(system_tls()?)),
+        (false, Some(_)) => {
+            return Err(ConnectError::InvalidOption {
+                field: "tls",
+                reason: format!(
+                    "is set but the URL is `{scheme}://`, which does not use TLS: write \
+                     `rediss://` or `rediss+cluster://` to connect over TLS"
+                ),
+            });
+        }
+        (false, None) => {}
+    }
+    Ok(config)
+}
+
+fn invalid(reason: &str, source: Option<fred::error::Error>) -> ConnectError {
+    ConnectError::InvalidUrl {
+        reason: reason.to_owned(),
+        source,
+    }
+}
+
+fn parse_plain_url(scheme: &str, rest: &str) -> Result<Config, ConnectError> {
     match scheme {
         "redis+cluster" | "valkey+cluster" => {
             // `[userinfo@]host:port,host:port[/…]`: fred wants the extra nodes as `node=`
@@ -181,8 +231,8 @@ pub(crate) fn parse_url(url: &str) -> Result<Config, ConnectError> {
                 .map_err(|e| invalid("the cluster URL does not parse", Some(e)))
         }
         "redis" | "valkey" | "redis-cluster" | "valkey-cluster" => {
-            let config =
-                Config::from_url(url).map_err(|e| invalid("the URL does not parse", Some(e)))?;
+            let config = Config::from_url(&format!("{scheme}://{rest}"))
+                .map_err(|e| invalid("the URL does not parse", Some(e)))?;
             match config.server {
                 ServerConfig::Centralized { .. } | ServerConfig::Clustered { .. } => Ok(config),
                 _ => Err(invalid(
@@ -192,10 +242,39 @@ pub(crate) fn parse_url(url: &str) -> Result<Config, ConnectError> {
             }
         }
         _ => Err(invalid(
-            "unsupported scheme: use `redis://` or `redis+cluster://` (TLS is not built in)",
+            "unsupported scheme: use `redis://` or `redis+cluster://`, or `rediss://` or \
+             `rediss+cluster://` for TLS",
             None,
         )),
     }
+}
+
+/// A TLS client trusting the system's certificate authorities, presenting no certificate.
+fn system_tls() -> Result<rustls::ClientConfig, ConnectError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _unparsable) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map_or_else(|| "none were found".to_owned(), ToString::to_string);
+        return Err(ConnectError::InvalidOption {
+            field: "tls",
+            reason: format!(
+                "is not set, and the system's certificate authorities cannot be used ({why}): \
+                 install them, or set `tls` to trust a certificate authority of your own"
+            ),
+        });
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ConnectError::InvalidOption {
+            field: "tls",
+            reason: error.to_string(),
+        })?;
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// The URL with any password replaced, for logs and `Debug`.
@@ -231,18 +310,19 @@ mod tests {
 
     #[test]
     fn single_node_urls() {
-        let config = parse_url("redis://127.0.0.1:6380/2").unwrap();
+        let config = parse_url("redis://127.0.0.1:6380/2", None).unwrap();
         assert!(config.server.is_centralized());
         assert_eq!(config.database, Some(2));
         assert_eq!(hosts(&config), [("127.0.0.1".to_owned(), 6380)]);
-        let config = parse_url("redis://user:secret@example.com").unwrap();
+        let config = parse_url("redis://user:secret@example.com", None).unwrap();
         assert_eq!(config.password.as_deref(), Some("secret"));
         assert_eq!(hosts(&config), [("example.com".to_owned(), 6379)]);
     }
 
     #[test]
     fn cluster_urls_list_their_nodes() {
-        let config = parse_url("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001").unwrap();
+        let config =
+            parse_url("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001", None).unwrap();
         assert!(config.server.is_clustered());
         assert_eq!(config.username.as_deref(), Some("u"));
         assert_eq!(config.password.as_deref(), Some("p@ss"));
@@ -250,10 +330,54 @@ mod tests {
             hosts(&config),
             [("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 7001)]
         );
-        let single = parse_url("redis+cluster://127.0.0.1:7000").unwrap();
+        let single = parse_url("redis+cluster://127.0.0.1:7000", None).unwrap();
         assert!(single.server.is_clustered());
-        let native = parse_url("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001").unwrap();
+        let native = parse_url("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001", None).unwrap();
         assert_eq!(hosts(&native).len(), 2);
+    }
+
+    #[test]
+    fn tls_urls_use_tls_and_plain_urls_do_not() {
+        for url in [
+            "rediss://127.0.0.1:6380/1",
+            "rediss+cluster://10.0.0.1:7000,10.0.0.2:7001",
+            "rediss-cluster://10.0.0.1:7000",
+        ] {
+            // This machine's trust store may be empty; a given configuration always works.
+            let config = parse_url(url, Some(&Arc::new(any_tls()))).unwrap();
+            assert!(config.tls.is_some(), "{url} should use TLS");
+        }
+        let config = parse_url("rediss://127.0.0.1:6380/1", Some(&Arc::new(any_tls()))).unwrap();
+        assert_eq!(config.database, Some(1));
+        assert_eq!(hosts(&config), [("127.0.0.1".to_owned(), 6380)]);
+        for url in ["redis://127.0.0.1", "redis+cluster://127.0.0.1:7000"] {
+            assert!(
+                parse_url(url, None).unwrap().tls.is_none(),
+                "{url} is plain"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_settings_on_a_plain_url_are_refused() {
+        let refused = parse_url("redis://127.0.0.1:6379", Some(&Arc::new(any_tls())));
+        assert!(
+            matches!(
+                &refused,
+                Err(ConnectError::InvalidOption { field: "tls", reason }) if reason.contains("rediss://")
+            ),
+            "{refused:?}"
+        );
+    }
+
+    fn any_tls() -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
     }
 
     #[test]
@@ -267,7 +391,7 @@ mod tests {
             "redis://",
         ] {
             assert!(
-                matches!(parse_url(url), Err(ConnectError::InvalidUrl { .. })),
+                matches!(parse_url(url, None), Err(ConnectError::InvalidUrl { .. })),
                 "{url} should be refused"
             );
         }
