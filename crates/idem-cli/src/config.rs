@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Method;
-use idem_http::IdempotencyPolicy;
 use idem_http::path::{PathError, normalize_path};
+use idem_http::{IdempotencyPolicy, OnConflict};
 use serde::Deserialize;
 
 use crate::proxy::Upstream;
@@ -105,7 +105,7 @@ pub struct Overrides {
     /// `--require-key`.
     pub require_key: bool,
     /// `--on-conflict`.
-    pub on_conflict: Option<String>,
+    pub on_conflict: Option<OnConflict>,
     /// The `IDEM_SCOPE_SECRET` environment variable, as read by the caller (the library does
     /// not read the environment itself).
     pub scope_secret: Option<Vec<u8>>,
@@ -403,8 +403,13 @@ impl GatewayConfig {
         if overrides.require_key {
             base.insert("key_required".into(), toml::Value::Boolean(true));
         }
-        if let Some(mode) = &overrides.on_conflict {
-            base.insert("on_conflict".into(), toml::Value::String(mode.clone()));
+        if let Some(mode) = overrides.on_conflict {
+            // Into the file's table rather than onto the parsed policy, so that a route's own
+            // `on_conflict` overrides the flag as it overrides `[policy]`; spelled by the
+            // policy's own serde names, so the two cannot drift apart.
+            let value =
+                toml::Value::try_from(mode).map_err(|e| ConfigError::new("--on-conflict", e))?;
+            base.insert("on_conflict".into(), value);
         }
         let default_policy = policy_from(base.clone(), "policy")?;
         let mut routes = Vec::with_capacity(file.route.len());

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use idem_cli::config::{GatewayConfig, Overrides};
+use idem_http::OnConflict;
 
 // mimalloc: the gateway allocates and frees a few small buffers per request from several
 // threads; glibc malloc spent about a tenth of its CPU there.
@@ -64,10 +65,20 @@ struct ServeArgs {
     scope_secret_file: Option<PathBuf>,
 }
 
+/// `--on-conflict`'s values: [`OnConflict`]'s, which cannot derive clap's trait from here.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum OnConflictArg {
     Reject,
     Wait,
+}
+
+impl From<OnConflictArg> for OnConflict {
+    fn from(mode: OnConflictArg) -> Self {
+        match mode {
+            OnConflictArg::Reject => Self::Reject,
+            OnConflictArg::Wait => Self::Wait,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -118,13 +129,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         upstream: args.upstream,
         store: args.store,
         require_key: args.require_key,
-        on_conflict: args.on_conflict.map(|mode| {
-            match mode {
-                OnConflictArg::Reject => "reject",
-                OnConflictArg::Wait => "wait",
-            }
-            .to_owned()
-        }),
+        on_conflict: args.on_conflict.map(OnConflict::from),
         scope_secret: std::env::var_os(idem_cli::config::SCOPE_SECRET_ENV).map(os_bytes),
         scope_secret_file: args.scope_secret_file,
     };

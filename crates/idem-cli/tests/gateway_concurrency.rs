@@ -77,7 +77,7 @@ async fn concurrent_requests_with_one_key_all_get_the_same_answer_in_wait_mode()
     let config = load_config(
         "",
         Overrides {
-            on_conflict: Some("wait".into()),
+            on_conflict: Some(idem_http::OnConflict::Wait),
             ..upstream_only(&upstream)
         },
     );

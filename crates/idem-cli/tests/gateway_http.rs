@@ -112,7 +112,7 @@ async fn with_on_conflict_wait_a_duplicate_is_held_and_gets_the_replay() {
     let config = load_config(
         "",
         Overrides {
-            on_conflict: Some("wait".into()),
+            on_conflict: Some(idem_http::OnConflict::Wait),
             ..upstream_only(&upstream)
         },
     );

@@ -328,3 +328,25 @@ policy = { max_request_body = 2048 }
     assert!(!status.success());
     assert!(stderr.contains("upstream"), "{stderr}");
 }
+
+#[test]
+fn the_on_conflict_flag_reaches_the_policy_and_a_bad_mode_is_refused() {
+    let base = [
+        "serve",
+        "--upstream",
+        "http://127.0.0.1:3000",
+        "--store",
+        "memory:",
+    ];
+    let (status, stdout, stderr) = run_idem(&[&base[..], &["--check"]].concat());
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("conflict   Reject"), "{stdout}");
+    let (status, stdout, stderr) =
+        run_idem(&[&base[..], &["--on-conflict", "wait", "--check"]].concat());
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("conflict   Wait"), "{stdout}");
+    let (status, _, stderr) =
+        run_idem(&[&base[..], &["--on-conflict", "sometimes", "--check"]].concat());
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--on-conflict"), "{stderr}");
+}

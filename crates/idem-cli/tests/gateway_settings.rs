@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use http::Method;
 use idem_cli::config::{ConfigError, FileConfig, GatewayConfig, Overrides, Routing, ServerLimits};
+use idem_http::OnConflict;
 
 fn overrides() -> Overrides {
     Overrides {
@@ -287,4 +288,30 @@ fn idem_serve_reads_the_scope_secret_from_its_environment() {
         "{shown}"
     );
     assert!(!shown.contains("a-secret-of-more"), "{shown}");
+}
+
+/// `--on-conflict` and `--require-key` change the file's `[policy]`, so they reach every
+/// route that does not name the field itself; a route's own value still wins.
+#[test]
+fn policy_flags_override_the_file_policy_and_yield_to_a_route_s_own_field() {
+    let flags = Overrides {
+        on_conflict: Some(OnConflict::Wait),
+        require_key: true,
+        ..overrides()
+    };
+    let config = resolve(
+        "[policy]\non_conflict = \"reject\"\nkey_required = false\n\
+         [[route]]\nprefix = \"/a\"\n\
+         [[route]]\nprefix = \"/b\"\npolicy = { on_conflict = \"reject\" }\n",
+        &flags,
+    )
+    .unwrap();
+    assert_eq!(config.default_policy.on_conflict, OnConflict::Wait);
+    assert!(config.default_policy.key_required);
+    assert_eq!(config.routes[0].policy.on_conflict, OnConflict::Wait);
+    assert!(config.routes[0].policy.key_required);
+    assert_eq!(config.routes[1].policy.on_conflict, OnConflict::Reject);
+    assert!(config.routes[1].policy.key_required);
+    let unflagged = resolve("", &overrides()).unwrap();
+    assert_eq!(unflagged.default_policy.on_conflict, OnConflict::Reject);
 }
