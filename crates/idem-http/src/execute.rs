@@ -1,5 +1,7 @@
 //! Running a request whose key this process holds, and keeping its outcome.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_TYPE;
 use http::request::Parts;
@@ -38,11 +40,12 @@ enum Read<B: Body> {
 }
 
 /// Runs a request whose key this process claimed with `lease`, then stores its outcome
-/// (or releases or holds the key, as the outcome table says), and answers.
+/// for `retention` (or releases or holds the key, as the outcome table says), and answers.
 pub(crate) async fn execute<S, St, ReqBody, ResBody>(
     shared: &Shared<St>,
     key: ScopedKey,
     lease: Lease,
+    retention: Duration,
     job: Job<S>,
 ) -> Response<IdempotencyBody<ResBody>>
 where
@@ -156,7 +159,7 @@ where
         }
     };
     let key = holder.key().clone();
-    match holder.complete(&stored, policy.retention).await {
+    match holder.complete(&stored, retention).await {
         Ok(expires_at) => set_expires(response.headers_mut(), expires_at),
         Err(StoreError::LeaseLost) => {
             // Another claim took the key over after this lease ended: that request may

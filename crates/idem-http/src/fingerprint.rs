@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use http::header::CONTENT_TYPE;
 use http::request::Parts;
-use idem_core::Fingerprint;
+use idem_core::{Fingerprint, Key, Scope, ScopedKey};
 use serde_json::Value;
 
 use crate::policy::Config;
@@ -54,6 +54,22 @@ pub(crate) fn request_fingerprint(
         None => builder.push("body", body),
     }
     builder.finish()
+}
+
+/// The name of the record of a request keyed by its fingerprint
+/// ([`KeyFrom::Fingerprint`](crate::KeyFrom::Fingerprint)): the key `fp-<hex>` within
+/// `fingerprint:<scope>`, a scope of its own beside the caller's.
+///
+/// Apart, because a client may send any key, `fp-…` included: within the caller's own
+/// scope such a key could bind the name to another request first and turn a derived
+/// claim into a `422`. The scopes the layer makes (`anonymous`, `cred…`) never start with
+/// `fingerprint:`. Since the key is a function of the fingerprint, a derived claim never
+/// meets another fingerprint.
+pub(crate) fn derived_key(scope: &Scope, fingerprint: &Fingerprint) -> ScopedKey {
+    let text = format!("fp-{fingerprint}");
+    // 67 characters of ASCII letters, digits and `-`: within every limit a key has.
+    let key = Key::new(&text).unwrap_or_else(|_| unreachable!("{text} is a valid key"));
+    ScopedKey::new(Scope::new(format!("fingerprint:{scope}")), key)
 }
 
 /// Whether the request says its body is JSON: `application/json` or any `+json` type.
@@ -356,6 +372,20 @@ mod tests {
         // Scheme and authority are not part of the request's identity.
         let absolute = parts("POST", "http://example.com/a?q=1", None);
         assert_eq!(base, fingerprint_of(&c, &absolute, b"x"));
+    }
+
+    #[test]
+    fn a_derived_key_is_the_fingerprint_apart_from_the_callers_keys() {
+        let c = config();
+        let fp = fingerprint_of(&c, &parts("POST", "/a", None), b"x");
+        let caller = Scope::new("cred00");
+        let derived = derived_key(&caller, &fp);
+        assert_eq!(derived.key().as_str(), format!("fp-{fp}"));
+        assert_eq!(derived.scope().as_str(), "fingerprint:cred00");
+        assert_eq!(derived, derived_key(&caller, &fp));
+        assert_ne!(derived, derived_key(&Scope::anonymous(), &fp));
+        let other = fingerprint_of(&c, &parts("POST", "/b", None), b"x");
+        assert_ne!(derived, derived_key(&caller, &other));
     }
 
     #[test]

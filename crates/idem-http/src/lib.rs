@@ -15,6 +15,7 @@
 //! | same key while the first is still running | `409` with `Retry-After`; or, with [`OnConflict::Wait`], the replay once the first completes (up to `wait_timeout`) |
 //! | same key, different request (method, path, query, fingerprinted headers, body) | `422` |
 //! | no key where [`key_required`](IdempotencyPolicy::key_required) | `400` |
+//! | no key where [`key_from`](IdempotencyPolicy::key_from) is [`KeyFrom::Fingerprint`] | keyed by its fingerprint for [`fingerprint_window`](IdempotencyPolicy::fingerprint_window): the same request again gets the replay (never a `422`); the derived key is not forwarded |
 //! | a malformed key (empty, too long, not printable ASCII, bad sf-string, sent twice) | `400`, saying what is wrong |
 //! | a body over [`max_request_body`](IdempotencyPolicy::max_request_body) | `413`; nothing stored |
 //! | the store cannot be reached | `503` with `Retry-After` (fail closed); or, with [`fail_open`](IdempotencyPolicy::fail_open), forwarded unprotected and counted |
@@ -26,7 +27,7 @@
 //! | the shared [`BodyBudget`] of buffered keyed bodies is spent | `503` `overloaded` + `Retry-After`; nothing ran |
 //! | a protected method on an ambiguous path (encoded `/`, dot segments; see [`path::normalize_path`]) | `400` `ambiguous-path` |
 //! | no caller identity where [`scope_required`](IdempotencyPolicy::scope_required) | `400` `missing-identity` |
-//! | any other method (`GET`, `HEAD`, `OPTIONS`, `TRACE`, …), or no key where it is optional | passed through untouched, body not buffered |
+//! | any other method (`GET`, `HEAD`, `OPTIONS`, `TRACE`, …), or no key where it is optional (and not derived) | passed through untouched, body not buffered |
 //!
 //! Methods are compared without regard to case (`post` is `POST`, as the frameworks behind
 //! the layer treat it), and the path is the normalised, percent-decoded one, so idem
@@ -185,7 +186,8 @@ pub use extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromRequest};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use policy::{
-    IdempotencyPolicy, OnConflict, PolicyError, RELEASED_ALWAYS, ReplayHeaders, UnknownOutcome,
+    IdempotencyPolicy, KeyFrom, OnConflict, PolicyError, RELEASED_ALWAYS, ReplayHeaders,
+    UnknownOutcome,
 };
 pub use problem::{IdempotencyError, PROBLEM_JSON, Problem};
 pub use service::Idempotency;

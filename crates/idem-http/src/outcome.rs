@@ -19,7 +19,7 @@ pub(crate) struct Arrival<'a> {
     pub(crate) path: Result<(), PathError>,
     /// The key, if the request has one, or why it is unusable.
     pub(crate) key: Result<Option<Key>, IdempotencyError>,
-    /// The caller's scope, worked out only for a request with a key.
+    /// The caller's scope, worked out only for a request with a key or one to derive.
     pub(crate) scope: Option<&'a Scope>,
 }
 
@@ -32,6 +32,9 @@ pub(crate) enum Entry {
     Refuse(IdempotencyError),
     /// A keyed request: read its body, claim its key.
     Keyed(Key),
+    /// A request without a key where the policy derives one: read its body, claim the key
+    /// its fingerprint makes.
+    Derive,
 }
 
 pub(crate) fn on_arrival(config: &Config, arrival: Arrival<'_>) -> Entry {
@@ -42,7 +45,8 @@ pub(crate) fn on_arrival(config: &Config, arrival: Arrival<'_>) -> Entry {
         return Entry::Refuse(IdempotencyError::AmbiguousPath { source });
     }
     let key = match arrival.key {
-        Ok(Some(key)) => key,
+        Ok(Some(key)) => Some(key),
+        Ok(None) if config.derives_keys() => None,
         Ok(None) if !config.policy.key_required => return Entry::PassThrough,
         Ok(None) => {
             return Entry::Refuse(IdempotencyError::MissingKey {
@@ -54,7 +58,10 @@ pub(crate) fn on_arrival(config: &Config, arrival: Arrival<'_>) -> Entry {
     if config.policy.scope_required && arrival.scope.is_none_or(|s| *s == Scope::anonymous()) {
         return Entry::Refuse(IdempotencyError::MissingIdentity);
     }
-    Entry::Keyed(key)
+    match key {
+        Some(key) => Entry::Keyed(key),
+        None => Entry::Derive,
+    }
 }
 
 /// What the store answered a claim that was not acquired.
@@ -211,6 +218,7 @@ mod tests {
             Entry::Refuse(error) => error.slug(),
             Entry::PassThrough => "pass",
             Entry::Keyed(_) => "keyed",
+            Entry::Derive => "derive",
         };
         // An unprotected method passes, whatever else is wrong with it.
         let unprotected = Arrival {
@@ -246,6 +254,39 @@ mod tests {
             "missing-identity"
         );
         assert_eq!(slug(on_arrival(&required, arrival(&caller))), "keyed");
+        // Keys from the fingerprint: no key is derived one, even where keys are required;
+        // a key of the request's own wins, a malformed one is still refused.
+        let derives = config(IdempotencyPolicy {
+            key_from: crate::KeyFrom::Fingerprint,
+            key_required: true,
+            ..IdempotencyPolicy::default()
+        });
+        assert_eq!(slug(on_arrival(&derives, keyless())), "derive");
+        assert_eq!(slug(on_arrival(&derives, arrival(&caller))), "keyed");
+        let malformed = Arrival {
+            key: Err(IdempotencyError::Mismatch),
+            ..arrival(&caller)
+        };
+        assert_eq!(slug(on_arrival(&derives, malformed)), "mismatch");
+        let bad_path = Arrival {
+            path: Err(ambiguous()),
+            key: Ok(None),
+            ..arrival(&caller)
+        };
+        assert_eq!(slug(on_arrival(&derives, bad_path)), "ambiguous-path");
+        let derives_with_identity = config(IdempotencyPolicy {
+            key_from: crate::KeyFrom::Fingerprint,
+            scope_required: true,
+            ..IdempotencyPolicy::default()
+        });
+        let anonymous_keyless = Arrival {
+            key: Ok(None),
+            ..arrival(&anonymous)
+        };
+        assert_eq!(
+            slug(on_arrival(&derives_with_identity, anonymous_keyless)),
+            "missing-identity"
+        );
     }
 
     fn waiting(first_claim: bool, wait_left: Duration) -> Waiting {

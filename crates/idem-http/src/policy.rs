@@ -44,8 +44,20 @@ pub struct IdempotencyPolicy {
     /// (`GET`, `HEAD`, `OPTIONS`, `TRACE`) are refused here: they need no protection.
     pub methods: Vec<String>,
     /// Whether a protected method must carry a key. Default `false`: a request without a
-    /// key passes through untouched. When `true`, it is answered `400`.
+    /// key passes through untouched. When `true`, it is answered `400`. Has no effect with
+    /// [`KeyFrom::Fingerprint`], where a request without a key gets one derived.
     pub key_required: bool,
+    /// Where a protected request's key comes from. Default [`KeyFrom::Header`]: only from
+    /// the key header. With [`KeyFrom::Fingerprint`], a request without a key is keyed by
+    /// its fingerprint for [`fingerprint_window`](Self::fingerprint_window).
+    pub key_from: KeyFrom,
+    /// With [`KeyFrom::Fingerprint`], how long the outcome of a request keyed by its
+    /// fingerprint is kept and replayed (its retention; a request with a key of its own
+    /// keeps [`retention`](Self::retention)). An identical request within the window gets
+    /// the replay; after it, it runs again. Default 10 min; must be more than zero, at most
+    /// 366 days.
+    #[serde(with = "humantime_serde")]
+    pub fingerprint_window: Duration,
     /// The longest key accepted, in characters. Default 255 (the draft's and Stripe's limit).
     pub max_key_len: usize,
     /// How long a claim holds its key before another request may take it over, should this
@@ -139,6 +151,40 @@ pub struct IdempotencyPolicy {
     pub scope_required: bool,
 }
 
+/// Where a protected request's key comes from.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_http::{IdempotencyPolicy, KeyFrom};
+///
+/// let policy: IdempotencyPolicy = serde_json::from_str(
+///     r#"{ "key_from": "fingerprint", "fingerprint_window": "2m" }"#,
+/// ).unwrap();
+/// assert_eq!(policy.key_from, KeyFrom::Fingerprint);
+/// assert_eq!(policy.fingerprint_window, Duration::from_secs(120));
+/// policy.validate().unwrap();
+/// assert!(serde_json::from_str::<IdempotencyPolicy>(r#"{ "key_from": "body" }"#).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyFrom {
+    /// Only the key header: a request without one passes through (or is refused, with
+    /// [`key_required`](IdempotencyPolicy::key_required)).
+    #[default]
+    Header,
+    /// The key header when the request has one (the client's key wins, and a malformed
+    /// one is still refused); otherwise a key derived from the request fingerprint
+    /// (method, path, query, the fingerprint headers, the body as fingerprinted), kept
+    /// for [`fingerprint_window`](IdempotencyPolicy::fingerprint_window) within the
+    /// caller's scope. For clients that send no key: a retry of the same request within the
+    /// window gets the first answer, so do two genuinely identical operations.
+    ///
+    /// Derived keys live apart from the keys clients send, so a derived key never meets a
+    /// request with another fingerprint (no `422`), and a derived key is not forwarded:
+    /// the inner service sees the request as the client sent it.
+    Fingerprint,
+}
+
 /// What happens to a key whose request may have been processed without an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -161,6 +207,8 @@ impl Default for IdempotencyPolicy {
             header: "Idempotency-Key".to_owned(),
             methods: vec!["POST".to_owned(), "PATCH".to_owned()],
             key_required: false,
+            key_from: KeyFrom::Header,
+            fingerprint_window: Duration::from_secs(10 * 60),
             max_key_len: idem_core::DEFAULT_MAX_KEY_LEN,
             lease: Duration::from_secs(60),
             retention: Duration::from_secs(24 * 60 * 60),
@@ -288,6 +336,7 @@ impl IdempotencyPolicy {
         for (field, value, at_most) in [
             ("lease", self.lease, MAX_LEASE),
             ("retention", self.retention, MAX_RETENTION),
+            ("fingerprint_window", self.fingerprint_window, MAX_RETENTION),
             ("wait_timeout", self.wait_timeout, MAX_WAIT),
             (
                 "upstream_timeout",
@@ -433,6 +482,11 @@ impl Config {
             .any(|covered| covered.as_str().eq_ignore_ascii_case(method.as_str()))
     }
 
+    /// Whether a protected request without a key gets one derived from its fingerprint.
+    pub(crate) fn derives_keys(&self) -> bool {
+        self.policy.key_from == KeyFrom::Fingerprint
+    }
+
     /// Whether an upstream answer with `status` means nothing was processed, so the key is
     /// released rather than the answer stored.
     pub(crate) fn releases(&self, status: http::StatusCode) -> bool {
@@ -505,6 +559,8 @@ mod tests {
         assert_eq!(policy.header, "Idempotency-Key");
         assert_eq!(policy.methods, ["POST", "PATCH"]);
         assert_eq!(policy.max_key_len, 255);
+        assert_eq!(policy.key_from, KeyFrom::Header);
+        assert_eq!(policy.fingerprint_window, Duration::from_secs(600));
         assert_eq!(policy.lease, Duration::from_secs(60));
         assert_eq!(policy.retention, Duration::from_secs(86_400));
         assert_eq!(policy.max_request_body, 1 << 20);
@@ -629,6 +685,20 @@ mod tests {
                 "retention",
                 IdempotencyPolicy {
                     retention: Duration::ZERO,
+                    ..Default::default()
+                },
+            ),
+            (
+                "fingerprint_window",
+                IdempotencyPolicy {
+                    fingerprint_window: Duration::ZERO,
+                    ..Default::default()
+                },
+            ),
+            (
+                "fingerprint_window",
+                IdempotencyPolicy {
+                    fingerprint_window: Duration::from_secs(367 * 24 * 60 * 60),
                     ..Default::default()
                 },
             ),

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use idem_core::{Begin, BoxError, Fingerprint, ScopedKey, Store, StoreError, Stored, TimeoutStore};
+use idem_core::{
+    Begin, BoxError, Fingerprint, Scope, ScopedKey, Store, StoreError, Stored, TimeoutStore,
+};
 use tokio::time::Instant;
 use tower::Service;
 
@@ -19,7 +21,7 @@ use crate::body::IdempotencyBody;
 use crate::budget::BodyBudget;
 use crate::execute::{Job, execute, forward_unprotected};
 use crate::extract::{ExtractKey, MakeScope};
-use crate::fingerprint::request_fingerprint;
+use crate::fingerprint::{derived_key, request_fingerprint};
 use crate::future::ResponseFuture;
 use crate::outcome::{AfterRefusal, Arrival, Entry, Refused, Waiting, after_refusal, on_arrival};
 use crate::path::normalize_path;
@@ -159,36 +161,55 @@ where
             Cow::Borrowed(_) => None,
         });
         let key = shared.extract_key.extract_key(&parts);
-        let scope = matches!(key, Ok(Some(_))).then(|| shared.make_scope.make_scope(&parts));
+        let claims = match &key {
+            Ok(Some(_)) => true,
+            Ok(None) => config.derives_keys(),
+            Err(_) => false,
+        };
+        let scope = claims.then(|| shared.make_scope.make_scope(&parts));
         let arrival = Arrival {
             covered: true,
             path: decoded.as_ref().map(drop).map_err(Clone::clone),
             key,
             scope: scope.as_ref(),
         };
-        match (on_arrival(config, arrival), decoded, scope) {
-            (Entry::Keyed(key), Ok(decoded), Some(scope)) => {
+        let entry = on_arrival(config, arrival);
+        let name = match (entry, scope) {
+            (Entry::Keyed(key), Some(scope)) => Ok(Name::Given(ScopedKey::new(scope, key))),
+            (Entry::Derive, Some(scope)) => Ok(Name::Derived(scope)),
+            (entry, _) => Err(entry),
+        };
+        match (name, decoded) {
+            (Ok(name), Ok(decoded)) => {
                 let path = decoded.unwrap_or_else(|| parts.uri.path().to_owned());
                 protect_relied_on_headers(config, &mut parts.headers);
                 // The keyed path calls a clone (made ready on the task that uses it),
                 // leaving `self.inner` ready for the next call.
                 let inner = self.inner.clone();
-                let key = ScopedKey::new(scope, key);
                 ResponseFuture::managed(Box::pin(keyed(
                     Arc::clone(shared),
                     inner,
-                    key,
+                    name,
                     Request::from_parts(parts, body),
                     path,
                 )))
             }
-            (Entry::Refuse(error), _, _) => {
+            (Err(Entry::Refuse(error)), _) => {
                 tracing::debug!(%error, "refused a keyed request");
                 ResponseFuture::ready(problem(&error, None))
             }
             _ => ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body))),
         }
     }
+}
+
+/// What names the record of a request the layer claims.
+enum Name {
+    /// The request's own key, in the caller's scope.
+    Given(ScopedKey),
+    /// No key of its own: the key is derived from the fingerprint once the body is read,
+    /// for this caller's scope.
+    Derived(Scope),
 }
 
 /// What one claim of the key led to.
@@ -228,7 +249,7 @@ impl Refusal {
 async fn keyed<S, St, ReqBody, ResBody>(
     shared: Arc<Shared<St>>,
     inner: S,
-    key: ScopedKey,
+    name: Name,
     request: Request<ReqBody>,
     path: String,
 ) -> Response<IdempotencyBody<ResBody>>
@@ -256,6 +277,13 @@ where
     };
     let fingerprint = request_fingerprint(&shared.config, &parts, &path, &body);
     let policy = &shared.config.policy;
+    let (key, retention) = match name {
+        Name::Given(key) => (key, policy.retention),
+        Name::Derived(scope) => {
+            shared.stats.count(Counter::Derived);
+            (derived_key(&scope, &fingerprint), policy.fingerprint_window)
+        }
+    };
     let wait_until = Instant::now() + policy.wait_timeout;
     let mut backoff = FIRST_BACKOFF;
     let mut first_claim = true;
@@ -265,7 +293,13 @@ where
         // after this cannot leave a claimed key behind or cancel the inner call.
         let running = shared.stats.enter();
         // Boxed so that spawning moves a pointer, not the whole (large) future.
-        let claim = Box::pin(attempt(Arc::clone(&shared), key.clone(), fingerprint, job));
+        let claim = Box::pin(attempt(
+            Arc::clone(&shared),
+            key.clone(),
+            fingerprint,
+            retention,
+            job,
+        ));
         let task = tokio::spawn(async move {
             let attempt = claim.await;
             drop(running);
@@ -342,11 +376,12 @@ where
     }
 }
 
-/// Claims the key; if acquired, runs the request and stores its outcome.
+/// Claims the key; if acquired, runs the request and stores its outcome for `retention`.
 async fn attempt<S, St, ReqBody, ResBody>(
     shared: Arc<Shared<St>>,
     key: ScopedKey,
     fingerprint: Fingerprint,
+    retention: Duration,
     job: Job<S>,
 ) -> Attempt<S, ResBody>
 where
@@ -361,7 +396,7 @@ where
     let lease = shared.config.policy.lease;
     let refusal = match shared.store.begin(&key, &fingerprint, lease).await {
         Ok(Begin::Acquired(claim)) => {
-            return Attempt::Ran(execute(&shared, key, claim, job).await);
+            return Attempt::Ran(execute(&shared, key, claim, retention, job).await);
         }
         Ok(Begin::Completed { stored, expires_at }) => Refusal::Completed { stored, expires_at },
         Ok(Begin::Mismatch) => Refusal::Mismatch,

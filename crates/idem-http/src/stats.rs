@@ -17,6 +17,7 @@ pub struct IdempotencyStats {
     not_stored: AtomicU64,
     lease_lost: AtomicU64,
     overloaded: AtomicU64,
+    derived: AtomicU64,
     running: AtomicU64,
     /// A moving average of the inner service's answer time, in microseconds (0: none yet).
     latency_micros: AtomicU64,
@@ -43,6 +44,7 @@ pub(crate) enum Counter {
     NotStored,
     LeaseLost,
     Overloaded,
+    Derived,
 }
 
 impl IdempotencyStats {
@@ -58,6 +60,7 @@ impl IdempotencyStats {
             Counter::NotStored => &self.not_stored,
             Counter::LeaseLost => &self.lease_lost,
             Counter::Overloaded => &self.overloaded,
+            Counter::Derived => &self.derived,
         };
         cell.fetch_add(1, Ordering::Relaxed);
     }
@@ -151,5 +154,12 @@ impl IdempotencyStats {
     /// Keyed requests answered `503` `overloaded` because the body budget was spent.
     pub fn overloaded(&self) -> u64 {
         self.overloaded.load(Ordering::Relaxed)
+    }
+
+    /// Requests without a key that were keyed by their fingerprint
+    /// ([`KeyFrom::Fingerprint`](crate::KeyFrom::Fingerprint)), whatever came of them
+    /// (each is also counted as executed, replayed, in flight, …).
+    pub fn derived(&self) -> u64 {
+        self.derived.load(Ordering::Relaxed)
     }
 }
