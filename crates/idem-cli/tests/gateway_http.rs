@@ -1,5 +1,5 @@
-//! Every row of DESIGN.md's HTTP table, through the gateway over real sockets: a client,
-//! the gateway (in process, on 127.0.0.1:0) and a counting upstream.
+//! Every row of docs/DESIGN.md's HTTP semantics table, through the gateway over real
+//! sockets: a client, the gateway (in process, on 127.0.0.1:0) and a counting upstream.
 
 mod common;
 

@@ -1,5 +1,5 @@
-//! One test per row of DESIGN.md's "HTTP semantics" table, and the details below it, through
-//! the layer around a proxy to a real upstream socket.
+//! One test per row of docs/DESIGN.md's HTTP semantics table, and the details below it,
+//! through the layer around a proxy to a real upstream socket.
 
 mod common;
 

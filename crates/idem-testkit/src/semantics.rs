@@ -1,6 +1,6 @@
-//! The HTTP semantics table of DESIGN.md, written once and run against anything that
-//! speaks it: the layer in process (idem-http's tests) and the gateway over sockets
-//! (idem-cli's tests). Implement [`Subject`] and call [`run_all`].
+//! The HTTP semantics table of docs/DESIGN.md (section 7), written once and run against
+//! anything that speaks it: the layer in process (idem-http's tests) and the gateway over
+//! sockets (idem-cli's tests). Implement [`Subject`] and call [`run_all`].
 
 use std::future::Future;
 
