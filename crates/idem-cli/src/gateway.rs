@@ -135,7 +135,7 @@ impl Gateway {
         client: SocketAddr,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         // The one routing decision (normalised path, methods in any case) lives in the
-        // configuration, so `--check`, `policy_for` and serving cannot disagree.
+        // configuration, so `policy_for` and serving cannot disagree.
         let service = match self.config.route(request.method(), request.uri().path()) {
             Routing::Route(index) => Ok(&self.routes[index]),
             Routing::Default => Ok(&self.default),
