@@ -41,6 +41,12 @@ pub enum Fault {
     /// Stop listening (new connections are refused: the target is down) and close every
     /// open connection. Listening resumes on the same port when the mode changes.
     Refuse,
+    /// A lossy hop: relay both ways, but lose the answer to every `n`-th request (counted
+    /// over every connection since the mode was set; 0 loses none). A lost answer goes as
+    /// in [`DropAfterRequest`](Self::DropAfterRequest): the request is forwarded, and once
+    /// the target starts to answer (it did the work) the client's connection is closed.
+    /// Each chunk the client sends counts as a request, which it is for small requests.
+    LoseEvery(u32),
 }
 
 /// A TCP relay on 127.0.0.1:0 in front of `target`, whose [`Fault`] can be switched while
@@ -74,6 +80,7 @@ pub struct FaultProxy {
     /// Bumped to close every open connection.
     generation: watch::Sender<u64>,
     connections: Arc<AtomicU64>,
+    tally: Arc<Tally>,
     /// The accept loop (it owns the listener); `None` while refusing.
     accepting: Mutex<Option<JoinHandle<()>>>,
 }
@@ -88,6 +95,7 @@ impl FaultProxy {
             mode: watch::Sender::new(Fault::Pass),
             generation: watch::Sender::new(0),
             connections: Arc::default(),
+            tally: Arc::default(),
             accepting: Mutex::new(None),
         };
         *proxy.accepting.lock().await = Some(proxy.accept_on(listener));
@@ -107,6 +115,14 @@ impl FaultProxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Answers kept from the client so far by the modes that strike after the request
+    /// ([`ResetAfterRequest`](Fault::ResetAfterRequest),
+    /// [`DropAfterRequest`](Fault::DropAfterRequest), [`HalfOpen`](Fault::HalfOpen),
+    /// [`LoseEvery`](Fault::LoseEvery)).
+    pub fn lost_answers(&self) -> u64 {
+        self.tally.lost.load(Ordering::SeqCst)
     }
 
     /// The current mode.
@@ -133,6 +149,7 @@ impl FaultProxy {
                     .expect("the fault proxy could not listen on its port again");
                 *accepting = Some(self.accept_on(listener));
             }
+            self.tally.requests.store(0, Ordering::SeqCst);
             self.mode.send_replace(fault);
         }
     }
@@ -145,6 +162,7 @@ impl FaultProxy {
 
     fn accept_on(&self, listener: TcpListener) -> JoinHandle<()> {
         let (target, connections) = (self.target, Arc::clone(&self.connections));
+        let tally = Arc::clone(&self.tally);
         let (mode, generation) = (self.mode.subscribe(), self.generation.subscribe());
         tokio::spawn(async move {
             loop {
@@ -158,8 +176,9 @@ impl FaultProxy {
                 let (mut mode, mut generation) = (mode.clone(), generation.clone());
                 mode.mark_unchanged();
                 generation.mark_unchanged();
+                let tally = Arc::clone(&tally);
                 tokio::spawn(async move {
-                    let _ = relay(client, target, mode, generation).await;
+                    let _ = relay(client, target, mode, generation, &tally).await;
                 });
             }
         })
@@ -179,6 +198,33 @@ impl Drop for FaultProxy {
 
 /// Why a relay ended early: cut, or the proxy is gone.
 struct Closed;
+
+/// What the relays count together.
+#[derive(Default)]
+struct Tally {
+    /// Requests seen under [`Fault::LoseEvery`] since it was set.
+    requests: AtomicU64,
+    /// Answers kept from the client.
+    lost: AtomicU64,
+}
+
+impl Tally {
+    /// The fate of a request arriving under `mode`: `LoseEvery` becomes `DropAfterRequest`
+    /// for every n-th request, `Pass` for the others.
+    fn strike(&self, mode: Fault) -> Fault {
+        match mode {
+            Fault::LoseEvery(n) => {
+                let seen = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+                if n > 0 && seen % u64::from(n) == 0 {
+                    Fault::DropAfterRequest
+                } else {
+                    Fault::Pass
+                }
+            }
+            other => other,
+        }
+    }
+}
 
 /// Waits while the mode is [`Fault::BlackHole`]; `Err` when the connection is to close.
 async fn while_black_hole(
@@ -202,6 +248,7 @@ async fn relay(
     target: SocketAddr,
     mut mode: watch::Receiver<Fault>,
     mut generation: watch::Receiver<u64>,
+    tally: &Tally,
 ) -> Result<(), Closed> {
     // A partition before the first byte: the target is not even dialled until it heals.
     while_black_hole(&mut mode, &mut generation).await?;
@@ -230,12 +277,13 @@ async fn relay(
                     return Ok(());
                 }
                 // The mode when the request arrived decides its fate.
-                let strike = *mode.borrow();
+                let strike = tally.strike(*mode.borrow());
                 if matches!(
                     strike,
                     Fault::ResetAfterRequest | Fault::DropAfterRequest | Fault::HalfOpen
                 ) {
                     target_answering(&mut client, &mut upstream, &mut generation).await?;
+                    tally.lost.fetch_add(1, Ordering::SeqCst);
                     return strike_after_request(strike, client, upstream, &mut generation).await;
                 }
             }
@@ -424,6 +472,36 @@ mod tests {
         stream.write_all(b"req").await.unwrap();
         assert_eq!(outcome(&mut stream, PATIENCE).await, Ok(0), "end of stream");
         assert_eq!(served.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn lose_every_n_loses_every_nth_answer_after_the_target_did_the_work() {
+        let (target, served) = echo().await;
+        let proxy = FaultProxy::start(target).await;
+        proxy.set(Fault::LoseEvery(3)).await;
+        let mut fates = Vec::new();
+        for i in 0..9u8 {
+            // One connection per request, as a client reconnects after a lost answer.
+            let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+            stream.write_all(&[b'a' + i]).await.unwrap();
+            fates.push(outcome(&mut stream, PATIENCE).await);
+        }
+        let lost: Vec<usize> = (0..9).filter(|&i| fates[i] == Ok(0)).collect();
+        assert_eq!(lost, [2, 5, 8], "the 3rd, 6th and 9th answers: {fates:?}");
+        assert_eq!(
+            served.load(Ordering::SeqCst),
+            9,
+            "every request reached the target"
+        );
+        assert_eq!(proxy.lost_answers(), 3);
+
+        proxy.set(Fault::LoseEvery(0)).await;
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(
+            exchange(&mut stream, b"z").await.unwrap(),
+            b"Z",
+            "0 loses none"
+        );
     }
 
     #[tokio::test]
