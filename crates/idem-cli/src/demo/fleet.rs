@@ -1,5 +1,5 @@
-//! The clients: a fleet that makes the payments, one `Idempotency-Key` per payment, and
-//! retries each with that same key and a short backoff until it gets an answer.
+//! The clients: one `Idempotency-Key` per payment, retried with that same key until
+//! answered.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

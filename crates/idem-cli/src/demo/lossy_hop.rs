@@ -1,8 +1,5 @@
-//! The lossy hop: an HTTP relay standing for the network between clients and the service.
-//! It forwards each request and waits for the whole answer, so the work is done; then, for a
-//! share of the requests (`--drop-rate`), it closes the client's connection instead of
-//! passing the answer on. The client sees what it would see after a timeout or a reset: no
-//! answer, and no way to know whether the payment went through.
+//! The lossy hop: the network between clients and the service, losing a share of the
+//! answers after the work was done.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -45,6 +45,7 @@ use fleet::Fleet;
 use lossy_hop::LossyHop;
 use payments::Ledger;
 use servers::{GatewayRun, Server};
+
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {

@@ -1,5 +1,5 @@
-//! The payments upstream: a naive API for which every `POST /payments` it receives is a new
-//! charge. It counts the charges made for each payment.
+//! The payments upstream: a naive API that charges again on every `POST /payments`, and
+//! counts the charges per payment.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
