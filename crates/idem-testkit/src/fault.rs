@@ -215,7 +215,7 @@ impl Tally {
         match mode {
             Fault::LoseEvery(n) => {
                 let seen = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
-                if n > 0 && seen % u64::from(n) == 0 {
+                if n > 0 && seen.is_multiple_of(u64::from(n)) {
                     Fault::DropAfterRequest
                 } else {
                     Fault::Pass
