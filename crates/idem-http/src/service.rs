@@ -55,9 +55,9 @@ pub(crate) struct Shared<St> {
 /// passes through untouched (an unprotected method, or no key where the key is optional)
 /// and from [`poll_ready`](Service::poll_ready). For a keyed request an inner error becomes
 /// a problem response: `502` `upstream-unavailable` with the key released when the error
-/// carries [`NotSent`] (nothing left), else `502` `outcome-unknown`, stored and replayed,
-/// because the request may have been processed. With axum, whose services never fail, it
-/// never errors.
+/// carries [`NotSent`](crate::NotSent) (nothing left), else `502` `outcome-unknown`, stored
+/// and replayed, because the request may have been processed. With axum, whose services
+/// never fail, it never errors.
 ///
 /// # Requirements
 ///
