@@ -40,6 +40,7 @@ use serde::Deserialize;
 
 use crate::proxy::Upstream;
 use crate::store_url::StoreUrl;
+use crate::tls::TlsFiles;
 
 /// The configuration file, as written.
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +50,9 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// The service behind the gateway.
     pub upstream: Option<String>,
+    /// `[upstream_tls]`: the authorities an `https://` upstream is verified against, and
+    /// the client certificate to present to it.
+    pub upstream_tls: TlsFiles,
     /// Where records live.
     pub store: Option<String>,
     /// How long to wait for a connection to the upstream.
@@ -389,7 +393,16 @@ impl GatewayConfig {
                 )
             })?;
         let upstream =
-            Upstream::parse(&upstream_text).map_err(|e| ConfigError::new("upstream", e))?;
+            Upstream::parse_with_tls(&upstream_text, &file.upstream_tls).map_err(|e| {
+                ConfigError::new(
+                    if e.is_tls() {
+                        "upstream_tls"
+                    } else {
+                        "upstream"
+                    },
+                    e,
+                )
+            })?;
         let store_text = overrides
             .store
             .clone()

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod gateway;
 pub mod proxy;
 pub mod store_url;
+pub mod tls;

@@ -1,9 +1,10 @@
 //! The reverse proxy at the heart of `idem serve`: forwards a request to the upstream over
-//! a pooled keep-alive connection, as a proxy must.
+//! a pooled keep-alive connection, as a proxy must, in plain HTTP or over TLS.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,17 +13,23 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use idem_http::NotSent;
+use rustls::ClientConfig;
 
-/// Where requests go: scheme, authority and a base path prefixed to every request's path.
+use crate::tls::{TlsError, TlsFiles};
+
+/// Where requests go: scheme, authority and a base path prefixed to every request's path;
+/// for `https://`, the TLS client that verifies the upstream.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
     base_path: String,
+    tls: Arc<ClientConfig>,
 }
 
 /// Why an upstream URL is unusable.
@@ -45,19 +52,50 @@ pub enum UpstreamError {
         /// Why.
         reason: &'static str,
     },
+    /// The TLS settings of an `https://` upstream are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// TLS settings were given for a plain `http://` upstream.
+    #[error("TLS settings are set but the upstream `{0}` is http://; write https:// to use TLS")]
+    TlsForPlainHttp(String),
+}
+
+impl UpstreamError {
+    /// Whether the TLS settings, not the URL, are at fault.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_) | Self::TlsForPlainHttp(_))
+    }
 }
 
 impl Upstream {
-    /// Parses `http://host:port[/base]`.
+    /// Parses `http://host:port[/base]` or `https://host[:port][/base]`; an `https://`
+    /// upstream is verified against the system's certificate authorities.
     ///
     /// ```
     /// use idem_cli::proxy::Upstream;
     ///
     /// assert!(Upstream::parse("http://127.0.0.1:3000/api").is_ok());
-    /// assert!(Upstream::parse("https://example.com").is_err()); // TLS upstreams: not yet
     /// assert!(Upstream::parse("127.0.0.1:3000").is_err());
+    /// assert!(Upstream::parse("ftp://127.0.0.1").is_err());
     /// ```
     pub fn parse(url: &str) -> Result<Self, UpstreamError> {
+        Self::parse_with_tls(url, &TlsFiles::default())
+    }
+
+    /// Parses `url` as [`parse`](Self::parse) does; an `https://` upstream is verified and
+    /// authenticated with `tls` (read now, so a bad file fails here, not on the first
+    /// request). Non-empty `tls` with an `http://` URL is refused.
+    ///
+    /// ```
+    /// use idem_cli::proxy::Upstream;
+    /// use idem_cli::tls::TlsFiles;
+    ///
+    /// let files = TlsFiles { ca_file: Some("/no/such/ca.pem".into()), ..TlsFiles::default() };
+    /// let error = Upstream::parse_with_tls("https://payments.internal", &files).unwrap_err();
+    /// assert!(error.is_tls() && error.to_string().contains("/no/such/ca.pem"));
+    /// assert!(Upstream::parse_with_tls("http://127.0.0.1:3000", &files).unwrap_err().is_tls());
+    /// ```
+    pub fn parse_with_tls(url: &str, tls: &TlsFiles) -> Result<Self, UpstreamError> {
         let uri: Uri = url.parse().map_err(|source| UpstreamError::Invalid {
             url: url.to_owned(),
             source,
@@ -70,11 +108,17 @@ impl Upstream {
             .scheme()
             .cloned()
             .ok_or_else(|| unsupported("has no scheme; write it as http://host:port"))?;
-        if scheme != Scheme::HTTP {
-            return Err(unsupported(
-                "is not http://; idem serve talks plain HTTP to its upstream (put TLS in front)",
-            ));
-        }
+        let tls = if scheme == Scheme::HTTPS {
+            tls.client_config()?
+        } else if scheme == Scheme::HTTP {
+            if !tls.is_empty() {
+                return Err(UpstreamError::TlsForPlainHttp(url.to_owned()));
+            }
+            // Never used: only `https://` URIs go through TLS.
+            crate::tls::trusting_nothing()?
+        } else {
+            return Err(unsupported("is neither http:// nor https://"));
+        };
         let authority = uri
             .authority()
             .cloned()
@@ -89,6 +133,7 @@ impl Upstream {
             scheme,
             authority,
             base_path,
+            tls: Arc::new(tls),
         })
     }
 
@@ -121,7 +166,7 @@ pub struct ClientAddr(pub SocketAddr);
 /// A tower service that forwards requests to one upstream.
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
     upstream: Upstream,
 }
 
@@ -134,9 +179,18 @@ pub type ProxyError = Box<dyn std::error::Error + Send + Sync>;
 impl Proxy {
     /// A proxy with a pooled keep-alive client.
     pub fn new(upstream: Upstream, connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(connect_timeout));
+        // The TLS connector hands `https://` URIs to TLS; it needs plain TCP underneath.
+        tcp.enforce_http(false);
+        let tls = HttpsConnectorBuilder::new().with_tls_config(ClientConfig::clone(&upstream.tls));
+        let tls = if upstream.scheme == Scheme::HTTPS {
+            tls.https_only()
+        } else {
+            tls.https_or_http()
+        };
+        let connector = tls.enable_http1().wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new())
             // The client never sends a request twice. Its one retry (`retry_canceled_requests`,
             // on by default) is for a request hyper hands back unwritten: a pooled
@@ -206,18 +260,81 @@ impl tower::Service<Request<Body>> for Proxy {
 /// Marks the client's error [`NotSent`] when it proves no byte of the request was written.
 ///
 /// `is_connect()` is true only for errors before any connection carried the request: the
-/// connector's own (refused, connect timeout, DNS) and a failed pool checkout. Everything
+/// connector's own (refused, connect timeout, DNS, a failed TLS handshake: the upstream's
+/// certificate not trusted, or ours refused) and a failed pool checkout. Everything
 /// else stays unmarked, an unknown outcome: a reset or close after the request may have
 /// been written, a body error midway, and also failures hyper_util does not tell apart
 /// publicly (an HTTP handshake failure, or a request handed back unwritten on a fresh
 /// connection), which are treated as unknown to be safe.
 fn mark_not_sent(error: hyper_util::client::legacy::Error) -> ProxyError {
-    if error.is_connect() {
-        Box::new(NotSent::new(error))
+    if error.is_connect() || handshake_refused(&error) {
+        Box::new(NotSent::new(ConnectFailed(error)))
     } else {
         Box::new(error)
     }
 }
+
+/// Whether the upstream refused the TLS handshake: then it never read the request.
+///
+/// In TLS 1.3 the client's side of the handshake is done before the server has checked the
+/// client's certificate, so a server that refuses it (none presented, or one it does not
+/// trust) says so with an alert only after the request was written, and the error is not a
+/// connect error. But a server decrypts no request before the handshake is complete (the
+/// client sends no early data), so nothing ran: such an error proves nothing was processed,
+/// and treating it as unknown would burn every key until the certificate is fixed.
+fn handshake_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as Alert;
+    let mut current = Some(error);
+    while let Some(error) = current {
+        // io::Error's `source` skips the error it wraps; look inside it too.
+        let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(alert)) = tls {
+            return matches!(
+                alert,
+                Alert::CertificateRequired
+                    | Alert::BadCertificate
+                    | Alert::UnsupportedCertificate
+                    | Alert::CertificateRevoked
+                    | Alert::CertificateExpired
+                    | Alert::CertificateUnknown
+                    | Alert::UnknownCA
+                    | Alert::AccessDenied
+                    | Alert::HandshakeFailure
+            );
+        }
+        current = error.source();
+    }
+    false
+}
+
+/// No connection to the upstream could be made. Its message carries every cause, because
+/// the client's own says only "client error (Connect)", and the one line an operator sees
+/// must tell a refused connection from an untrusted certificate.
+#[derive(Debug)]
+struct ConnectFailed(hyper_util::client::legacy::Error);
+
+impl std::fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot connect to the upstream")?;
+        let mut cause = std::error::Error::source(&self.0);
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            // io::Error's `source` skips the error it wraps (a TLS alert, say).
+            cause = match error.downcast_ref::<std::io::Error>() {
+                Some(io) => io.get_ref().and_then(|inner| inner.source()),
+                None => error.source(),
+            };
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConnectFailed {}
 
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,

@@ -13,6 +13,8 @@ use idem_postgres::{PostgresOptions, PostgresStore};
 use idem_redb::{RedbOptions, RedbStore};
 use idem_redis::{RedisOptions, RedisStore};
 
+use crate::tls::{TlsError, TlsFiles};
+
 /// A parsed store URL.
 ///
 /// ```
@@ -36,13 +38,18 @@ pub enum StoreUrl {
     /// `redb:PATH`: the embedded durable store in the file at PATH (created if absent).
     Redb(PathBuf),
     /// `redis://[user:pass@]host[:port][/db]` (one node) or
-    /// `redis+cluster://[user:pass@]host:port,host:port,...` (Redis Cluster): shared by
-    /// every gateway that names it. A `?prefix=NAME` query sets the key prefix (default
-    /// `idem`), so several deployments can share one Redis.
+    /// `redis+cluster://[user:pass@]host:port,host:port,...` (Redis Cluster), and over TLS
+    /// `rediss://…` and `rediss+cluster://…`: shared by every gateway that names it. A
+    /// `?prefix=NAME` query sets the key prefix (default `idem`), so several deployments
+    /// can share one Redis; with TLS, `ca_file=PATH` trusts the authorities in that PEM
+    /// file instead of the system's, and `cert_file=PATH&key_file=PATH` present a client
+    /// certificate (see [`TlsFiles`]).
     Redis(String),
     /// `postgres://user@host:port/db` (also `postgresql://`): shared by every gateway
     /// that names it. A `?table=NAME` query sets the table (default `idem_records`,
-    /// optionally `schema.table`); migrations run at startup.
+    /// optionally `schema.table`); migrations run at startup. TLS is libpq's:
+    /// `sslmode=verify-full&sslrootcert=PATH`, and `sslcert`/`sslkey` for a client
+    /// certificate.
     Postgres(String),
 }
 
@@ -64,6 +71,15 @@ pub enum StoreUrlError {
     /// The Redis store could not connect.
     #[error("cannot connect to the Redis store")]
     Redis(#[source] idem_redis::ConnectError),
+    /// The Redis store's TLS files are unusable.
+    #[error("the Redis store's TLS settings are unusable: {0}")]
+    RedisTls(#[source] TlsError),
+    /// TLS files given for a Redis URL that does not use TLS.
+    #[error(
+        "`ca_file`, `cert_file` and `key_file` need a TLS URL: write `rediss://` or \
+         `rediss+cluster://`"
+    )]
+    RedisTlsWithoutTls,
     /// The Postgres store could not connect or migrate.
     #[error("cannot connect to the Postgres store")]
     Postgres(#[source] idem_postgres::ConnectError),
@@ -76,7 +92,15 @@ impl std::str::FromStr for StoreUrl {
         if matches!(url, "memory" | "memory:" | "memory://") {
             return Ok(Self::Memory);
         }
-        if url.starts_with("redis://") || url.starts_with("redis+cluster://") {
+        if [
+            "redis://",
+            "redis+cluster://",
+            "rediss://",
+            "rediss+cluster://",
+        ]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+        {
             return Ok(Self::Redis(url.to_owned()));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -122,9 +146,16 @@ impl StoreUrl {
             // Redis expires records by itself: no sweeper.
             Self::Redis(url) => {
                 let (url, prefix) = take_param(url, "prefix");
+                let (url, tls) = take_tls_files(&url);
                 let mut options = RedisOptions::default();
                 if let Some(prefix) = prefix {
                     options.prefix = prefix;
+                }
+                if url.starts_with("rediss") {
+                    let config = tls.client_config().map_err(StoreUrlError::RedisTls)?;
+                    options.tls = Some(Arc::new(config));
+                } else if !tls.is_empty() {
+                    return Err(StoreUrlError::RedisTlsWithoutTls);
                 }
                 Arc::new(
                     RedisStore::connect_with(&url, options)
@@ -258,6 +289,19 @@ fn take_param(url: &str, name: &str) -> (String, Option<String>) {
         format!("{base}?{}", kept.join("&"))
     };
     (url, value)
+}
+
+/// Takes the TLS file settings out of a Redis URL's query.
+fn take_tls_files(url: &str) -> (String, TlsFiles) {
+    let (url, ca_file) = take_param(url, "ca_file");
+    let (url, cert_file) = take_param(&url, "cert_file");
+    let (url, key_file) = take_param(&url, "key_file");
+    let files = TlsFiles {
+        ca_file: ca_file.map(PathBuf::from),
+        cert_file: cert_file.map(PathBuf::from),
+        key_file: key_file.map(PathBuf::from),
+    };
+    (url, files)
 }
 
 /// The gateway's redb tuning: a 16 MiB page cache keeps its memory small; the operating
