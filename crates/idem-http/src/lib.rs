@@ -61,6 +61,45 @@
 //! bodies canonicalized and [`json_ignore`](IdempotencyPolicy::json_ignore)d fields left
 //! out (see [`fingerprint`]).
 //!
+//! ## Keys from the request
+//!
+//! For clients that send no key, [`key_from`](IdempotencyPolicy::key_from) =
+//! [`KeyFrom::Fingerprint`] keys a protected request without one by its fingerprint, in
+//! the caller's scope, for [`fingerprint_window`](IdempotencyPolicy::fingerprint_window)
+//! (default 10 min). A retry within the window is replayed; so is a second, genuinely
+//! identical operation, which is the limit of the idea. A request with a key of its own
+//! still uses it.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//!
+//! use axum::{Router, body::Body, routing::post};
+//! use http::Request;
+//! use idem_core::MemoryStore;
+//! use idem_http::{IdempotencyLayer, IdempotencyPolicy, KeyFrom};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let orders = Arc::new(AtomicU32::new(0));
+//! let counter = Arc::clone(&orders);
+//! let policy = IdempotencyPolicy { key_from: KeyFrom::Fingerprint, ..IdempotencyPolicy::default() };
+//! let app = Router::new()
+//!     .route("/orders", post(move || async move { counter.fetch_add(1, Ordering::SeqCst); "placed" }))
+//!     .layer(IdempotencyLayer::with_policy(MemoryStore::new(), policy)?);
+//!
+//! // No Idempotency-Key: the request itself is the key.
+//! let order = || Request::post("/orders").body(Body::from("1 book"));
+//! let first = app.clone().oneshot(order()?).await?;
+//! let retry = app.clone().oneshot(order()?).await?;
+//!
+//! assert!(!first.headers().contains_key("idempotent-replayed"));
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! assert_eq!(orders.load(Ordering::SeqCst), 1);
+//! # Ok(()) }
+//! ```
+//!
 //! ## Guarantees and their limits
 //!
 //! - **Detached from the client.** The claim, the inner call and the storing of its
