@@ -99,8 +99,30 @@
 //! ([`PostgresStore::from_pool`]). Its sessions run at READ COMMITTED (the statements are
 //! written for it) with an optional `statement_timeout`; both are sent as startup
 //! parameters, which PgBouncer in transaction mode does not forward: behind such a pooler,
-//! set them on the role instead. TLS needs one of sqlx's TLS features (for example
-//! `tls-rustls`), which you enable on the re-exported [`sqlx`] in your own `Cargo.toml`.
+//! set them on the role instead.
+//!
+//! ### TLS
+//!
+//! TLS is built in (rustls with the `ring` provider) and set in the URL with libpq's
+//! parameters:
+//!
+//! - `sslmode`: `disable`, `allow`, `prefer` (the default: TLS if the server offers it,
+//!   **without checking its certificate**), `require` (TLS, certificate not checked),
+//!   `verify-ca` (the certificate must chain to a trusted authority) or `verify-full` (and
+//!   name the host). Against a managed database use `verify-full`.
+//! - `sslrootcert=PATH`: a PEM file of authorities to trust, **in addition to** the system's
+//!   (sqlx's rule; libpq trusts only the file).
+//! - `sslcert=PATH` and `sslkey=PATH`: a client certificate and its key, both PEM, for
+//!   servers that authenticate clients by certificate.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), idem_postgres::ConnectError> {
+//! let store = idem_postgres::PostgresStore::connect(
+//!     "postgres://idem@db.internal/idem?sslmode=verify-full&sslrootcert=/etc/idem/db-ca.pem",
+//! )
+//! .await?;
+//! # Ok(()) }
+//! ```
 
 mod schema;
 mod statements;
