@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use http::Method;
 use idem_http::path::{PathError, normalize_path};
-use idem_http::{IdempotencyPolicy, OnConflict};
+use idem_http::{IdempotencyPolicy, KeyFrom, OnConflict};
 use serde::Deserialize;
 
 use crate::proxy::Upstream;
@@ -804,10 +804,15 @@ fn describe_policy(policy: &IdempotencyPolicy) -> String {
         ),
         format!(
             "  key        {}, at most {} characters",
-            if policy.key_required {
-                "required"
+            if policy.key_from == KeyFrom::Fingerprint {
+                format!(
+                    "optional (requests without one are keyed by their fingerprint for {:?})",
+                    policy.fingerprint_window
+                )
+            } else if policy.key_required {
+                "required".to_owned()
             } else {
-                "optional (requests without one pass through)"
+                "optional (requests without one pass through)".to_owned()
             },
             policy.max_key_len
         ),

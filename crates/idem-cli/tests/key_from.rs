@@ -212,4 +212,14 @@ fn the_route_policy_refuses_bad_values_naming_the_field() {
         config.routes[0].policy.fingerprint_window,
         Duration::from_secs(30)
     );
+    // `--check` says what becomes of a request without a key, per policy.
+    let described = config.describe();
+    assert!(
+        described.contains("requests without one are keyed by their fingerprint for 30s"),
+        "{described}"
+    );
+    assert!(
+        described.contains("requests without one pass through"),
+        "the default policy: {described}"
+    );
 }
