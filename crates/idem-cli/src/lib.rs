@@ -1,7 +1,8 @@
 //! The `idem` command's parts, as a library so tests and the demo can run them in-process:
 //! the gateway ([`gateway`]), its reverse proxy ([`proxy`]), configuration ([`config`]),
-//! store URLs ([`store_url`]).
+//! store URLs ([`store_url`]), and `idem check` ([`check`]).
 
+pub mod check;
 pub mod config;
 pub mod demo;
 pub mod gateway;

@@ -34,6 +34,8 @@ enum Command {
     /// after the charge is made. Clients retry with the same Idempotency-Key. Exits non-zero
     /// if, with idem, any payment was charged twice or got no answer.
     Demo(idem_cli::demo::DemoArgs),
+    /// Probe an endpoint and report how idempotent it is (exit 1 on failures, 2 on bad usage).
+    Check(idem_cli::check::CheckArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo(&args),
+        Command::Check(args) => idem_cli::check::main(&args),
     }
 }
 
