@@ -128,7 +128,8 @@ pub(crate) struct Retrier<'s> {
 }
 
 impl<'s> Retrier<'s> {
-    /// Sets the key header on `request` (when there is a key) once, for every attempt.
+    /// Sets the key header on `request` (when there is a key and the request has none)
+    /// once, for every attempt.
     /// Refuses a streaming body: it could be sent only once.
     pub(crate) fn new(
         settings: &'s RetrySettings,
@@ -138,7 +139,10 @@ impl<'s> Retrier<'s> {
         if template.try_clone().is_none() {
             return Err(Error::BodyNotReplayable);
         }
-        if let Some(key) = &key {
+        // A key header the caller wrote stays as written: the server may compare it raw.
+        if let Some(key) = &key
+            && !template.headers().contains_key(&settings.key_header)
+        {
             template
                 .headers_mut()
                 .insert(settings.key_header.clone(), key.header_value());
