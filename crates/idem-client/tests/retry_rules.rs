@@ -272,3 +272,66 @@ async fn bad_settings_and_bad_keys_are_refused_with_the_reason() {
         "{error}"
     );
 }
+
+/// A writer for tracing-subscriber that keeps what it is given.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn each_attempt_has_a_span_with_its_number_key_status_and_outcome() {
+    use tracing_subscriber::fmt::format::FmtSpan;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let _guard = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_span_events(FmtSpan::CLOSE)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .set_default();
+
+    let upstream = Scripted::start(vec![scene(503, &[])]).await;
+    let client = IdemClient::with_settings(quick()).unwrap();
+    let key = OperationKey::generate();
+    let reply = client
+        .post(upstream.url("/pay?secret=1"))
+        .key(key.clone())
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.attempts(), 2);
+
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("idem_client.attempt") && line.contains("close"))
+        .collect();
+    assert_eq!(closed.len(), 2, "one span per attempt:\n{log}");
+    for (line, (attempt, status, outcome)) in closed
+        .iter()
+        .zip([(1, 503, "retrying"), (2, 201, "answered")])
+    {
+        for field in [
+            format!("attempt={attempt}"),
+            format!("key=\"{key}\""),
+            format!("status={status}"),
+            format!("outcome=\"{outcome}\""),
+            "path=\"/pay\"".to_owned(),
+        ] {
+            assert!(line.contains(&field), "{field} in {line}");
+        }
+    }
+    assert!(!log.contains("secret"), "the query is left out:\n{log}");
+}
