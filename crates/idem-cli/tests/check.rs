@@ -274,7 +274,7 @@ async fn an_unreachable_or_silent_target_and_bad_flags_exit_2_with_a_reason() {
         ),
         (
             vec!["http://127.0.0.1:1/", "-X", "GET"],
-            "error: --method: GET is idempotent",
+            "error: --method: GET is safe",
         ),
         (vec!["ftp://127.0.0.1:1/"], "error: URL: scheme \"ftp\""),
         (

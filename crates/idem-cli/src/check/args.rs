@@ -16,7 +16,8 @@ pub struct CheckArgs {
     /// The endpoint to probe, e.g. http://127.0.0.1:8080/payments (http or https)
     #[arg(value_name = "URL")]
     pub url: String,
-    /// Method of every probe: one that is not idempotent by itself, such as POST or PATCH
+    /// Method of every probe: POST, PATCH or another with effects (not GET, HEAD, OPTIONS,
+    /// TRACE)
     #[arg(long, short = 'X', value_name = "METHOD", default_value = "POST")]
     pub method: String,
     /// Body of every probe; JSON bodies also get `Content-Type: application/json` unless
@@ -50,8 +51,8 @@ pub struct CheckArgs {
     /// Expect the endpoint to require a key: a request without one must get 400
     #[arg(long)]
     pub require_key: bool,
-    /// What a duplicate of a running request must get: reject (409), wait (the replay) or
-    /// either
+    /// What a duplicate of a running request must get: reject (409; seeing none is a
+    /// warning), wait (the replay; a 409 fails) or either
     #[arg(long, value_enum, value_name = "MODE", default_value_t = ConflictExpectation::Either)]
     pub on_conflict: ConflictExpectation,
     /// Count warnings (the draft's SHOULDs, Stripe's habits) as failures
@@ -127,10 +128,12 @@ impl CheckArgs {
         }
         let method = Method::from_bytes(self.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| invalid("--method", format!("{:?} is not a method", self.method)))?;
-        if method.is_idempotent() {
+        if method.is_safe() {
             return Err(invalid(
                 "--method",
-                format!("{method} is idempotent by definition; check a POST or PATCH endpoint"),
+                format!(
+                    "{method} is safe: it has no effect to repeat; check a POST or PATCH endpoint"
+                ),
             ));
         }
         let key_header = HeaderName::from_bytes(self.key_header.as_bytes()).map_err(|_| {
@@ -282,7 +285,7 @@ mod tests {
                 |a| a.url = "ftp://example.com/x".into(),
                 "URL: scheme \"ftp\"",
             ),
-            (|a| a.method = "GET".into(), "--method: GET is idempotent"),
+            (|a| a.method = "GET".into(), "--method: GET is safe"),
             (|a| a.method = "P O".into(), "--method: "),
             (
                 |a| a.headers = vec!["no colon".into()],

@@ -407,14 +407,15 @@ async fn concurrent(prober: &Prober, settings: &Settings) -> Burst {
 fn in_flight_retry_after(conflicts: &[Answer], settings: &Settings) -> Judged {
     let check = Check::InFlightRetryAfter;
     if conflicts.is_empty() {
-        let why = match settings.on_conflict {
-            ConflictExpectation::Wait => "no 409, as --on-conflict wait expects",
-            _ => {
-                "no 409 seen: each duplicate came after the first was done or waited for \
-                  it (a slower request, or more --concurrency, shows one)"
-            }
+        const NONE: &str = "no 409 seen: each duplicate came after the first was done or \
+                            waited for it (a slower request, or more --concurrency, shows one)";
+        let (verdict, why) = match settings.on_conflict {
+            ConflictExpectation::Wait => (Verdict::Skip, "no 409, as --on-conflict wait expects"),
+            // Told to expect 409s, a check that saw none has confirmed nothing.
+            ConflictExpectation::Reject => (Verdict::Warn, NONE),
+            ConflictExpectation::Either => (Verdict::Skip, NONE),
         };
-        return Judged::new(check, Verdict::Skip, why.into());
+        return Judged::new(check, verdict, why.into());
     }
     let with: Vec<&str> = conflicts.iter().filter_map(Answer::retry_after).collect();
     if with.len() == conflicts.len() {
