@@ -2,11 +2,13 @@
 //! against a service with no idempotency, and exits 2 when it cannot judge at all.
 
 mod common;
+mod tls_support;
 
 use std::process::ExitStatus;
 
 use common::{PATIENCE, TestGateway, Upstream, run_idem};
 use idem_cli::check::{CheckArgs, ConflictExpectation, Verdict, run};
+use tls_support::{Pki, https_front};
 
 /// Holds each first request long enough for its duplicates to find it in flight.
 const SLOW: &str = "x-sleep-ms: 300";
@@ -294,4 +296,38 @@ async fn an_unreachable_or_silent_target_and_bad_flags_exit_2_with_a_reason() {
         assert_eq!(status.code(), Some(2), "{flags:?}: {stderr}");
         assert!(stderr.contains(expected), "{flags:?}: {stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_endpoint_is_probed_when_its_authority_is_trusted_and_refused_when_not() {
+    let pki = Pki::new("idem check test CA");
+    let upstream = Upstream::unbound();
+    let addr = https_front(&upstream, pki.server_config(&pki.server("api"), false)).await;
+    let url = format!("https://{addr}/payments");
+    let ca_file = pki.ca_file.display().to_string();
+
+    let (status, stdout, stderr) = idem_check(args(&[&url, "--ca-file", &ca_file, "--json"])).await;
+    // Reached over TLS and judged: the plain upstream ran the retry again.
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(verdict_of(&report, "replay"), "fail", "{report:#}");
+    assert!(upstream.total() >= 2);
+
+    // Another authority's certificate is not trusted: nothing can be judged, and nothing ran.
+    let before = upstream.total();
+    let other = Pki::new("another CA");
+    let other_ca = other.ca_file.display().to_string();
+    let (status, _, stderr) = idem_check(args(&[&url, "--ca-file", &other_ca])).await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("error: cannot reach {url}")),
+        "{stderr}"
+    );
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    assert_eq!(upstream.total(), before);
+
+    let missing = pki.dir().join("missing.pem").display().to_string();
+    let (status, _, stderr) = idem_check(args(&[&url, "--ca-file", &missing])).await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("error: --ca-file: cannot read"), "{stderr}");
 }

@@ -48,6 +48,10 @@ pub struct CheckArgs {
     /// Largest answer body read; a larger one fails its probe (at most 64 MiB)
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Trust only the certificate authorities in this PEM file for an https URL (a private
+    /// CA, as curl's --cacert) [default: the system's]
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Expect the endpoint to require a key: a request without one must get 400
     #[arg(long)]
     pub require_key: bool,
@@ -103,6 +107,7 @@ impl CheckArgs {
             concurrency: 8,
             timeout: "10s".to_owned(),
             max_body_bytes: 1 << 20,
+            ca_file: None,
             require_key: false,
             on_conflict: ConflictExpectation::Either,
             strict: false,
@@ -195,6 +200,10 @@ impl CheckArgs {
                 format!("must be 2 to {MAX_CONCURRENCY}"),
             ));
         }
+        let trusted = match &self.ca_file {
+            None => None,
+            Some(path) => Some(read_authorities(path).map_err(|m| invalid("--ca-file", m))?),
+        };
         Ok(Settings {
             url,
             method,
@@ -206,6 +215,7 @@ impl CheckArgs {
             concurrency: self.concurrency as usize,
             timeout,
             max_body_bytes: self.max_body_bytes,
+            trusted,
             require_key: self.require_key,
             on_conflict: self.on_conflict,
             strict: self.strict,
@@ -227,9 +237,22 @@ pub(super) struct Settings {
     pub(super) concurrency: usize,
     pub(super) timeout: Duration,
     pub(super) max_body_bytes: usize,
+    /// `--ca-file`'s authorities, trusted instead of the system's.
+    pub(super) trusted: Option<Vec<reqwest::Certificate>>,
     pub(super) require_key: bool,
     pub(super) on_conflict: ConflictExpectation,
     pub(super) strict: bool,
+}
+
+/// The certificates of a PEM file; at least one.
+fn read_authorities(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certificates)
 }
 
 /// `Name: value`, as curl's `-H` takes it.

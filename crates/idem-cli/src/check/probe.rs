@@ -84,13 +84,15 @@ impl Prober {
         // reqwest is built without a crypto provider of its own (aws-lc needs cmake): ring
         // is installed as the process default. An error only says one is installed already.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(settings.timeout)
             // A redirect would probe another endpoint, and turn a POST into a GET.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("idem-check/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| CheckError::Client(chain(&e)))?;
+            .user_agent(concat!("idem-check/", env!("CARGO_PKG_VERSION")));
+        if let Some(trusted) = &settings.trusted {
+            builder = builder.tls_certs_only(trusted.iter().cloned());
+        }
+        let client = builder.build().map_err(|e| CheckError::Client(chain(&e)))?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
