@@ -64,16 +64,16 @@ pub(super) async fn run_all(
         return Ok(findings(not_carried_out(&first), settings));
     }
     let retry = prober.send(KeyHeader::Key(&key), &settings.body).await;
-    let mut findings = vec![replay(&first, &retry)];
+    let mut judged = vec![replay(&first, &retry)];
     let burst = concurrent(prober, settings).await;
-    findings.push(burst.finding);
-    findings.push(in_flight_retry_after(&burst.in_flight, settings));
-    findings.push(mismatch(prober, settings).await);
-    findings.push(missing_key(prober, settings).await);
-    findings.push(malformed_key(prober, settings).await);
-    findings.push(long_key(prober, settings).await);
-    findings.push(expiry(&first, retry.as_ref().ok()));
-    Ok(self::findings(findings, settings))
+    judged.push(burst.finding);
+    judged.push(in_flight_retry_after(&burst.in_flight, settings));
+    judged.push(mismatch(prober, settings).await);
+    judged.push(missing_key(prober, settings).await);
+    judged.push(malformed_key(prober, settings).await);
+    judged.push(long_key(prober, settings).await);
+    judged.push(expiry(&first, retry.as_ref().ok()));
+    Ok(findings(judged, settings))
 }
 
 fn findings(judged: Vec<Judged>, settings: &Settings) -> Vec<Finding> {
