@@ -231,7 +231,9 @@ impl<'s> Retrier<'s> {
             None => self.settings.backoff(self.attempts),
         };
         let elapsed = self.started.elapsed();
-        if self.attempts >= self.settings.max_attempts || elapsed + wait >= self.settings.deadline {
+        // Saturating: a server may ask for any wait, and settings may allow it.
+        let out_of_time = elapsed.saturating_add(wait) >= self.settings.deadline;
+        if self.attempts >= self.settings.max_attempts || out_of_time {
             span.record("outcome", "gave-up");
             return match last {
                 Last::Answer(answer) => Judged::Answered(answer, self.delivery(false)),
@@ -351,6 +353,50 @@ mod tests {
             StatusCode::UNPROCESSABLE_ENTITY,
             &in_flight
         ));
+    }
+
+    struct Fake(StatusCode, HeaderMap);
+
+    impl Answer for Fake {
+        fn status(&self) -> StatusCode {
+            self.0
+        }
+        fn headers(&self) -> &HeaderMap {
+            &self.1
+        }
+    }
+
+    impl Transient for std::io::Error {
+        fn is_transient(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endless_wait_within_endless_settings_gives_up_instead_of_overflowing() {
+        let settings = RetrySettings {
+            max_retry_after: Duration::MAX,
+            deadline: Duration::MAX,
+            ..RetrySettings::default()
+        };
+        let request =
+            reqwest::Request::new(http::Method::POST, "http://127.0.0.1:1/".parse().unwrap());
+        let mut retrier = Retrier::new(&settings, Some(OperationKey::generate()), request).unwrap();
+        let attempt = retrier.attempt();
+        let answer = Fake(
+            StatusCode::SERVICE_UNAVAILABLE,
+            headers(&[("retry-after", "99999999999999999999999")]),
+        );
+        let judged = retrier
+            .judge::<_, std::io::Error>(&attempt.span, attempt.limit, Ok(Ok(answer)))
+            .await;
+        match judged {
+            Judged::Answered(answer, delivery) => {
+                assert_eq!(answer.status(), 503);
+                assert_eq!(delivery.attempts(), 1);
+            }
+            _ => panic!("expected the answer back"),
+        }
     }
 
     #[test]
