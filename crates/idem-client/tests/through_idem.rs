@@ -97,7 +97,12 @@ async fn through_a_lossy_hop_every_operation_runs_exactly_once() {
 async fn a_lost_answer_is_retried_with_the_same_key_and_comes_back_as_the_replay() {
     let rig = Rig::start("").await;
     rig.hop.set(Fault::LoseEvery(1)).await;
-    let client = IdemClient::with_settings(quick()).unwrap();
+    // Attempts to spare: every answer is lost until the test heals the hop.
+    let client = IdemClient::with_settings(RetrySettings {
+        max_attempts: 50,
+        ..quick()
+    })
+    .unwrap();
     let key = OperationKey::new("order-7").unwrap().derive("charge");
 
     let pending = tokio::spawn({
