@@ -163,7 +163,7 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
 fn a_bad_upstream_is_refused_naming_upstream() {
     for bad in [
         "not-a-url",
-        "https://example.com",
+        "ftp://example.com",
         "http://",
         "127.0.0.1:3000",
         "http://h:1/?q=1",
