@@ -64,25 +64,29 @@ impl Pki {
         }
     }
 
-    /// A server certificate for 127.0.0.1 and localhost.
+    /// A server certificate for 127.0.0.1 and localhost. It is good for client
+    /// authentication too: Redis Cluster nodes present it to each other on the cluster bus.
     pub fn server(&self, name: &str) -> Pair {
         self.issue(
             name,
             &["127.0.0.1", "localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
         )
     }
 
     /// A client certificate whose common name is `name` (Postgres maps it to a user).
     pub fn client(&self, name: &str) -> Pair {
-        self.issue(name, &[], ExtendedKeyUsagePurpose::ClientAuth)
+        self.issue(name, &[], vec![ExtendedKeyUsagePurpose::ClientAuth])
     }
 
-    fn issue(&self, name: &str, names: &[&str], purpose: ExtendedKeyUsagePurpose) -> Pair {
+    fn issue(&self, name: &str, names: &[&str], purposes: Vec<ExtendedKeyUsagePurpose>) -> Pair {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![purpose];
+        params.extended_key_usages = purposes;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let pair = Pair {
@@ -276,7 +280,7 @@ impl TlsRedis {
                 "0",
                 "--cluster-yes",
             ]);
-            let output = create.output().map_err(|e| e.to_string())?;
+            let output = output_within(create, Duration::from_secs(60))?;
             if !output.status.success() {
                 return Err(format!(
                     "redis-cli --cluster create failed: {}{}",
@@ -556,6 +560,30 @@ pub fn free_ports(count: usize) -> Vec<u16> {
         }
     }
     ports
+}
+
+/// Runs `command` to its end, or kills it after `limit`: a test must not hang on a tool.
+fn output_within(mut command: Command, limit: Duration) -> Result<std::process::Output, String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let output = child.wait_with_output().map_err(|e| e.to_string())?;
+            return Err(format!(
+                "{command:?} did not finish within {limit:?}: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().map_err(|e| e.to_string())
 }
 
 fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> Result<(), ()> {
