@@ -55,11 +55,21 @@ pub(crate) fn on_arrival(config: &Config, arrival: Arrival<'_>) -> Entry {
         }
         Err(error) => return Entry::Refuse(error),
     };
-    if config.policy.scope_required && arrival.scope.is_none_or(|s| *s == Scope::anonymous()) {
+    let anonymous = arrival.scope.is_none_or(|s| *s == Scope::anonymous());
+    if config.policy.scope_required && anonymous {
         return Entry::Refuse(IdempotencyError::MissingIdentity);
     }
     match key {
         Some(key) => Entry::Keyed(key),
+        // Callers without an identity all share one scope: a derived key would hand one
+        // caller another's answer to the same body (and skip the second's operation). Such
+        // a request is treated as a keyless one on a header-keyed route.
+        None if anonymous && config.policy.key_required => {
+            Entry::Refuse(IdempotencyError::MissingKey {
+                header: config.header.clone(),
+            })
+        }
+        None if anonymous => Entry::PassThrough,
         None => Entry::Derive,
     }
 }
@@ -286,6 +296,23 @@ mod tests {
         assert_eq!(
             slug(on_arrival(&derives_with_identity, anonymous_keyless)),
             "missing-identity"
+        );
+        // Without an identity nothing is derived: anonymous callers share one scope.
+        let anonymous_keyless = || Arrival {
+            key: Ok(None),
+            ..arrival(&anonymous)
+        };
+        let derives_optionally = config(IdempotencyPolicy {
+            key_from: crate::KeyFrom::Fingerprint,
+            ..IdempotencyPolicy::default()
+        });
+        assert_eq!(
+            slug(on_arrival(&derives_optionally, anonymous_keyless())),
+            "pass"
+        );
+        assert_eq!(
+            slug(on_arrival(&derives, anonymous_keyless())),
+            "missing-key"
         );
     }
 

@@ -177,7 +177,9 @@ pub enum KeyFrom {
     /// (method, path, query, the fingerprint headers, the body as fingerprinted), kept
     /// for [`fingerprint_window`](IdempotencyPolicy::fingerprint_window) within the
     /// caller's scope. For clients that send no key: a retry of the same request within the
-    /// window gets the first answer, so do two genuinely identical operations.
+    /// window gets the first answer, so do two genuinely identical operations. Only for
+    /// callers with an identity: anonymous callers share one scope, so their keyless
+    /// requests are handled as on a [`Header`](Self::Header) route.
     ///
     /// Derived keys live apart from the keys clients send, so a derived key never meets a
     /// request with another fingerprint (no `422`), and a derived key is not forwarded:

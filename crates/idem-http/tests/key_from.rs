@@ -32,8 +32,17 @@ async fn harness(policy: IdempotencyPolicy) -> (Harness, ManualClock) {
     (harness, clock)
 }
 
-/// A JSON `POST` without a key.
+/// A JSON `POST` without a key, from an identified caller.
 fn keyless(path: &str, body: &str) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer caller-a")
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+/// A JSON `POST` without a key nor any identity.
+fn anonymous_keyless(path: &str, body: &str) -> Request<Body> {
     Request::post(path)
         .header("content-type", "application/json")
         .body(Body::from(body.to_owned()))
@@ -80,6 +89,7 @@ async fn another_body_path_query_or_caller_runs_again() {
         keyless("/payments?to=b", r#"{"cents":100}"#),
         Request::post("/payments?to=a")
             .header("content-type", "text/plain")
+            .header("authorization", "Bearer caller-a")
             .body(Body::from(r#"{"cents":100}"#))
             .unwrap(),
         Request::post("/payments?to=a")
@@ -181,6 +191,7 @@ async fn a_keyless_duplicate_of_a_running_request_is_409() {
         Request::post("/payments")
             .header("content-type", "application/json")
             .header("x-sleep-ms", "500")
+            .header("authorization", "Bearer caller-a")
             .body(Body::from("{}"))
             .unwrap()
     };
@@ -209,9 +220,33 @@ async fn with_scope_required_an_anonymous_keyless_request_is_refused() {
         ..derives()
     })
     .await;
-    h.send(keyless("/payments", "{}"))
+    h.send(anonymous_keyless("/payments", "{}"))
         .await
         .assert_problem(400, "missing-identity");
+    assert_eq!(h.upstream.total(), 0);
+}
+
+// Callers without an identity share one scope: deriving their keys would hand one the
+// answer meant for another who sent the same body, and skip the second one's operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_anonymous_keyless_request_is_not_keyed_by_its_fingerprint() {
+    let (h, _clock) = harness(derives()).await;
+    for execution in 1..=2 {
+        let answer = h.send(anonymous_keyless("/payments", "{}")).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
+        assert!(!answer.is_replay(), "{answer:?}");
+        assert_eq!(h.upstream.total(), execution);
+    }
+    assert_eq!(h.stats().derived(), 0);
+
+    let (h, _clock) = harness(IdempotencyPolicy {
+        key_required: true,
+        ..derives()
+    })
+    .await;
+    h.send(anonymous_keyless("/payments", "{}"))
+        .await
+        .assert_problem(400, "missing-key");
     assert_eq!(h.upstream.total(), 0);
 }
 
