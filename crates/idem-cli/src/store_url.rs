@@ -59,7 +59,8 @@ pub enum StoreUrlError {
     /// An unknown or malformed URL.
     #[error(
         "`{0}` is not a store URL; use `memory:`, `redb:PATH`, `redis://host:port` or \
-         `redis+cluster://host:port,host:port` or `postgres://user@host/db`"
+         `redis+cluster://host:port,host:port` (`rediss…` for TLS) or \
+         `postgres://user@host/db`"
     )]
     Unknown(String),
     /// `redb:` without a path.
