@@ -48,6 +48,8 @@ use crate::tls::TlsFiles;
 pub struct FileConfig {
     /// Address to listen on.
     pub listen: Option<String>,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`), or `off`.
+    pub admin_listen: Option<String>,
     /// The service behind the gateway.
     pub upstream: Option<String>,
     /// `[upstream_tls]`: the authorities an `https://` upstream is verified against, and
@@ -102,6 +104,8 @@ pub struct RouteConfig {
 pub struct Overrides {
     /// `--listen`.
     pub listen: Option<String>,
+    /// `--admin-listen`: an address, or `off`.
+    pub admin_listen: Option<String>,
     /// `--upstream`.
     pub upstream: Option<String>,
     /// `--store`.
@@ -329,6 +333,9 @@ impl std::fmt::Debug for ScopeSecret {
 pub struct GatewayConfig {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Where the admin listener (`/metrics`, `/healthz`, `/readyz`) listens (default
+    /// [`DEFAULT_ADMIN_LISTEN`]); `None` when turned `off`.
+    pub admin_listen: Option<SocketAddr>,
     /// Where to forward.
     pub upstream: Upstream,
     /// Where records live.
@@ -349,6 +356,8 @@ pub struct GatewayConfig {
 
 /// The default `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The default `--admin-listen`: loopback only, since metrics tell a lot about traffic.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// The default `--store`.
 pub const DEFAULT_STORE: &str = "redb:idem.redb";
 
@@ -382,6 +391,13 @@ impl GatewayConfig {
                 format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
             )
         })?;
+        let admin_listen = admin_address(
+            overrides
+                .admin_listen
+                .as_deref()
+                .or(file.admin_listen.as_deref())
+                .unwrap_or(DEFAULT_ADMIN_LISTEN),
+        )?;
         let upstream_text = overrides
             .upstream
             .clone()
@@ -508,6 +524,7 @@ impl GatewayConfig {
         };
         Ok(Self {
             listen,
+            admin_listen,
             upstream,
             store,
             connect_timeout: duration(
@@ -604,13 +621,17 @@ impl GatewayConfig {
             None => format!("UNKEYED (set {SCOPE_SECRET_ENV} or --scope-secret-file)"),
         };
         let mut out = format!(
-            "listen     {}\nupstream   {} (connect timeout {:?})\nstore      {}\n\
+            "listen     {}\nadmin      {}\nupstream   {} (connect timeout {:?})\nstore      {}\n\
              shutdown   waits up to {:?}\n\
              clients    max_connections {}; http2_max_concurrent_streams {}\n\
              heads      max_header_bytes {}; header_read_timeout {:?}\n\
              bodies     max_buffered_bodies {} bytes; buffer_wait {:?}\n\
              scopes     {secret}\n\ndefault policy\n{}",
             self.listen,
+            self.admin_listen.map_or_else(
+                || "off".to_owned(),
+                |addr| format!("{addr} (/metrics, /healthz, /readyz)")
+            ),
             self.upstream,
             self.connect_timeout,
             self.store,
@@ -702,6 +723,22 @@ fn duration(
             ),
         ))
     }
+}
+
+/// The admin listener's address: `off` (or `none`) turns it off.
+fn admin_address(text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if ["off", "none"]
+        .iter()
+        .any(|off| text.eq_ignore_ascii_case(off))
+    {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        ConfigError::new(
+            "admin_listen",
+            format!("`{text}` is not an address like 127.0.0.1:9090, nor `off`"),
+        )
+    })
 }
 
 /// A route's method: upper-cased, so `post` and `POST` are one method (frameworks upper-case

@@ -26,9 +26,10 @@ use tokio::sync::{Semaphore, watch};
 use tower::{Layer, ServiceExt};
 
 use crate::config::{GatewayConfig, Routing, ServerLimits};
+use crate::metrics::{GatewayMetrics, TimedProxy, TimedStore};
 use crate::proxy::{ClientAddr, Proxy, ProxyError};
 
-type Protected = Idempotency<Proxy, Arc<dyn Store>>;
+type Protected = Idempotency<TimedProxy, Arc<dyn Store>>;
 
 /// How often the gateway asks its store whether it can still serve.
 const STORE_WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -39,7 +40,7 @@ pub enum ServeError {
     /// A route's policy was refused by the layer.
     #[error("invalid policy")]
     Policy(#[from] idem_http::PolicyError),
-    /// The listen address could not be bound.
+    /// The listen address (or the admin listener's) could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
@@ -68,6 +69,7 @@ pub struct Gateway {
     routes: Arc<[Protected]>,
     default: Protected,
     store: Arc<dyn Store>,
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -82,10 +84,16 @@ impl Gateway {
     /// Builds the services for `config` around one shared store. Every route's layer shares
     /// one [`BodyBudget`] of `max_buffered_bodies` and the scope secret, if any.
     pub fn new(config: &GatewayConfig, store: Arc<dyn Store>) -> Result<Self, ServeError> {
-        let proxy = Proxy::new(config.upstream.clone(), config.connect_timeout);
+        let metrics = Arc::new(GatewayMetrics::new());
+        let proxy = TimedProxy::new(
+            Proxy::new(config.upstream.clone(), config.connect_timeout),
+            Arc::clone(&metrics),
+        );
+        let timed: Arc<dyn Store> =
+            Arc::new(TimedStore::new(Arc::clone(&store), Arc::clone(&metrics)));
         let budget = BodyBudget::new(config.limits.max_buffered_bodies, config.limits.buffer_wait);
         let protect = |policy: &idem_http::IdempotencyPolicy| -> Result<Protected, ServeError> {
-            let mut layer = IdempotencyLayer::with_policy(Arc::clone(&store), policy.clone())?
+            let mut layer = IdempotencyLayer::with_policy(Arc::clone(&timed), policy.clone())?
                 .body_budget(budget.clone());
             if let Some(secret) = &config.scope_secret {
                 layer = layer.scope_secret(secret.bytes());
@@ -102,7 +110,18 @@ impl Gateway {
             routes: routes.into(),
             default: protect(&config.default_policy)?,
             store,
+            metrics,
         })
+    }
+
+    /// The store it serves from, as opened (its calls are not timed into the metrics).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Its metrics, rendered by the admin listener's `/metrics`.
+    pub fn metrics(&self) -> &Arc<GatewayMetrics> {
+        &self.metrics
     }
 
     /// Every layer's counters, default route first.
@@ -141,6 +160,7 @@ impl Gateway {
             Routing::Default => Ok(&self.default),
             Routing::Ambiguous(error) => Err(error),
         };
+        let timer = self.metrics.request();
         let mut request = request.map(Body::new);
         request.extensions_mut().insert(ClientAddr(client));
         // Boxed as a plain `dyn Future + Send`: the layer's future type is too deep for the
@@ -150,20 +170,21 @@ impl Gateway {
                 Box::pin(service.clone().oneshot(request))
             });
         async move {
-            let answer = match answer {
-                Ok(answer) => answer,
+            let response = match answer {
+                Ok(answer) => match answer.await {
+                    Ok(response) => response.map(Body::new),
+                    // Only requests the layer passes through untouched come back as errors.
+                    Err(source) => passthrough_failure(source),
+                },
                 Err(source) => {
                     tracing::debug!(error = %source, "ambiguous path refused");
-                    return IdempotencyError::AmbiguousPath { source }
+                    IdempotencyError::AmbiguousPath { source }
                         .to_response()
-                        .map(Body::from);
+                        .map(Body::from)
                 }
             };
-            match answer.await {
-                Ok(response) => response.map(Body::new),
-                // Only requests the layer passes through untouched come back as errors.
-                Err(source) => passthrough_failure(source),
-            }
+            timer.finish(response.status());
+            response
         }
     }
 }
@@ -256,6 +277,7 @@ pub async fn serve_until(
             },
             () = &mut shutdown => break,
             _ = store_watch.tick() => {
+                gateway.metrics.upkeep();
                 if let Some(reason) = gateway.fatal_error() {
                     tracing::error!(%reason, "the store can no longer serve; stopping");
                     failure = Some(reason);
@@ -464,6 +486,28 @@ pub async fn serve_with_store(
             addr: config.listen,
             source,
         })?;
+    // Bound before serving, so a taken admin port stops the start rather than leave the
+    // gateway unwatched; it stops with the gateway.
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = config.admin_listen {
+        let admin_listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let admin_addr = admin_listener.local_addr().unwrap_or(addr);
+        let routes = crate::admin::router(crate::admin::Admin::new(
+            gateway.clone(),
+            config.default_policy.store_timeout,
+        ));
+        tracing::info!(admin = %admin_addr, "admin listener is ready: /metrics, /healthz, /readyz");
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = admin_stopped.await;
+            };
+            if let Err(error) = crate::admin::serve(admin_listener, routes, stopped).await {
+                tracing::error!(%error, "the admin listener stopped");
+            }
+        });
+    }
     if config.scope_secret.is_none() {
         tracing::warn!(
             "no scope secret (set IDEM_SCOPE_SECRET or --scope-secret-file): scope digests are \
@@ -473,7 +517,9 @@ pub async fn serve_with_store(
     // The bound address, not the configured one: with port 0 the OS picks the port.
     let listen = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(%listen, upstream = %config.upstream, store = %config.store, "idem serve is ready");
-    serve_until(listener, gateway, shutdown, config.shutdown_timeout).await
+    let served = serve_until(listener, gateway, shutdown, config.shutdown_timeout).await;
+    drop(admin_stop);
+    served
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -43,6 +43,13 @@ struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080]
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Address of the admin listener (/metrics, /healthz, /readyz), or `off`
+    /// [default: 127.0.0.1:9090]
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Log lines as human-readable text or as one JSON object each
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
     /// The service to protect, e.g. http://127.0.0.1:3000 (required here or in --config)
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
@@ -65,6 +72,13 @@ struct ServeArgs {
     /// is dropped). Instead of the IDEM_SCOPE_SECRET environment variable.
     #[arg(long, value_name = "PATH")]
     scope_secret_file: Option<PathBuf>,
+}
+
+/// `--log-format`'s values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `--on-conflict`'s values: [`OnConflict`]'s, which cannot derive clap's trait from here.
@@ -129,6 +143,7 @@ fn demo(args: &idem_cli::demo::DemoArgs) -> ExitCode {
 fn serve(args: ServeArgs) -> ExitCode {
     let overrides = Overrides {
         listen: args.listen,
+        admin_listen: args.admin_listen,
         upstream: args.upstream,
         store: args.store,
         require_key: args.require_key,
@@ -147,7 +162,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         println!("configuration is valid\n\n{}", config.describe());
         return ExitCode::SUCCESS;
     }
-    init_tracing();
+    init_tracing(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -184,13 +199,17 @@ fn os_bytes(value: std::ffi::OsString) -> Vec<u8> {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        // Flattened, so a log pipeline finds `outcome`, `key`, … at the top of each object.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 /// An error and its causes, one after another.

@@ -46,6 +46,10 @@ pub fn load_config(file: &str, mut overrides: Overrides) -> GatewayConfig {
     if overrides.store.is_none() {
         overrides.store = Some("memory:".to_owned());
     }
+    // Tests run side by side: the default admin port would be taken by the first.
+    if overrides.admin_listen.is_none() {
+        overrides.admin_listen = Some("127.0.0.1:0".to_owned());
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("idem.toml");
     std::fs::write(&path, file).unwrap();
@@ -189,7 +193,14 @@ impl ServeProcess {
     /// Like [`start`](Self::start), on any store URL.
     pub fn start_on(upstream: &Upstream, store: &str, args: &[&str]) -> Self {
         let mut child = Command::new(idem_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--upstream"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--upstream")
             .arg(upstream.url())
             .args(["--store", store])
             .args(args)

@@ -1,0 +1,376 @@
+//! The gateway's Prometheus metrics: its own recorder (never the process-global one, so
+//! several gateways in one process keep apart), latency histograms recorded as requests
+//! flow, and the layers' counters read when `/metrics` is scraped.
+//!
+//! Every name is listed in the README's Operations section.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use idem_core::{Begin, Fingerprint, Lease, Record, ScopedKey, Store, StoreError, Stored, Token};
+use idem_http::IdempotencyStats;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::time::Instant;
+
+use crate::proxy::{Proxy, ProxyError};
+
+/// Latency buckets, in seconds: from a local store's sub-millisecond answers to an
+/// upstream's slow ones.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Reads one counter of a layer.
+type Reader = fn(&IdempotencyStats) -> u64;
+
+/// What each layer counter is exported as: `idem_requests_total{outcome=…}` for the
+/// counters that say how a keyed request ended, and one counter each for the rest, which
+/// overlap with those (a lost lease is also an execution).
+const REQUEST_OUTCOMES: [(&str, Reader); 6] = [
+    ("executed", IdempotencyStats::executed),
+    ("replayed", IdempotencyStats::replayed),
+    ("in_flight", IdempotencyStats::in_flight),
+    ("mismatch", IdempotencyStats::mismatches),
+    ("overloaded", IdempotencyStats::overloaded),
+    ("fail_open", IdempotencyStats::fail_open),
+];
+
+/// The other layer counters: name, help, reader.
+const LAYER_COUNTERS: [(&str, &str, Reader); 5] = [
+    (
+        "idem_store_errors_total",
+        "Store calls that failed (claims, completions, releases, renewals).",
+        IdempotencyStats::store_errors,
+    ),
+    (
+        "idem_unknown_outcomes_total",
+        "Executed requests whose upstream failed after the request may have reached it, or timed out.",
+        IdempotencyStats::unknown_outcomes,
+    ),
+    (
+        "idem_lease_lost_total",
+        "Completed responses not stored because another claim took the key over.",
+        IdempotencyStats::lease_lost,
+    ),
+    (
+        "idem_responses_not_stored_total",
+        "Completed responses the store would not take; their keys stay held until the lease ends.",
+        IdempotencyStats::not_stored,
+    ),
+    (
+        "idem_derived_keys_total",
+        "Requests without a key that were keyed by their fingerprint.",
+        IdempotencyStats::derived,
+    ),
+];
+
+/// The store operations whose latency is recorded.
+const STORE_OPERATIONS: [&str; 7] = [
+    "begin", "complete", "release", "renew", "get", "delete", "sweep",
+];
+
+/// One gateway's metrics. Cheap to share: clone the `Arc`.
+pub struct GatewayMetrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    requests_in_flight: Gauge,
+    upstream_latency: Histogram,
+    store_latency: [Histogram; STORE_OPERATIONS.len()],
+}
+
+impl std::fmt::Debug for GatewayMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayMetrics").finish_non_exhaustive()
+    }
+}
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GatewayMetrics {
+    /// A fresh set of metrics with its own recorder.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .expect("the latency buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+            recorder.describe_counter(name.into(), unit, help.into());
+        };
+        describe(
+            "idem_requests_total",
+            None,
+            "Keyed requests by how they ended (outcome label).",
+        );
+        for (name, help, _) in LAYER_COUNTERS {
+            describe(name, None, help);
+        }
+        recorder.describe_gauge(
+            "idem_requests_in_flight".into(),
+            None,
+            "Requests the gateway is answering now.".into(),
+        );
+        recorder.describe_gauge(
+            "idem_keyed_requests_running".into(),
+            None,
+            "Keyed requests whose work (claim, upstream call, storing) is under way, \
+             whether or not their client still waits."
+                .into(),
+        );
+        recorder.describe_histogram(
+            "idem_request_duration_seconds".into(),
+            Some(Unit::Seconds),
+            "Time from a request's arrival to its response head, by status class.".into(),
+        );
+        recorder.describe_histogram(
+            "idem_upstream_duration_seconds".into(),
+            Some(Unit::Seconds),
+            "Time the upstream took to answer with a response head (or fail).".into(),
+        );
+        recorder.describe_histogram(
+            "idem_store_duration_seconds".into(),
+            Some(Unit::Seconds),
+            "Time one store call took, by operation (calls cut off by store_timeout too).".into(),
+        );
+        let requests_in_flight =
+            recorder.register_gauge(&Key::from_static_name("idem_requests_in_flight"), &METADATA);
+        let upstream_latency = recorder.register_histogram(
+            &Key::from_static_name("idem_upstream_duration_seconds"),
+            &METADATA,
+        );
+        let store_latency = STORE_OPERATIONS.map(|operation| {
+            recorder.register_histogram(
+                &Key::from_parts(
+                    "idem_store_duration_seconds",
+                    vec![Label::from_static_parts("operation", operation)],
+                ),
+                &METADATA,
+            )
+        });
+        Self {
+            recorder,
+            handle,
+            requests_in_flight,
+            upstream_latency,
+            store_latency,
+        }
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    /// The Prometheus text exposition of everything, with the layers' counters (summed
+    /// over routes) as they are now.
+    pub fn render(&self, layers: &[Arc<IdempotencyStats>]) -> String {
+        let sum = |read: Reader| layers.iter().map(|stats| read(stats)).sum::<u64>();
+        for (outcome, read) in REQUEST_OUTCOMES {
+            self.counter("idem_requests_total", vec![Label::new("outcome", outcome)])
+                .absolute(sum(read));
+        }
+        for (name, _, read) in LAYER_COUNTERS {
+            self.counter(name, Vec::new()).absolute(sum(read));
+        }
+        self.recorder
+            .register_gauge(
+                &Key::from_static_name("idem_keyed_requests_running"),
+                &METADATA,
+            )
+            .set(sum(IdempotencyStats::running) as f64);
+        self.handle.render()
+    }
+
+    /// Drains recorded histogram samples into their buckets, so that memory stays bounded
+    /// when nobody scrapes. Call it every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Counts a request in flight until the guard is dropped, and records its duration
+    /// with its status class when [`RequestTimer::finish`] is called.
+    pub fn request(self: &Arc<Self>) -> RequestTimer {
+        self.requests_in_flight.increment(1.0);
+        RequestTimer {
+            metrics: Arc::clone(self),
+            started: Instant::now(),
+        }
+    }
+
+    fn store_call(self: &Arc<Self>, operation: usize) -> StoreTimer {
+        StoreTimer {
+            metrics: Arc::clone(self),
+            operation,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// One request in flight (see [`GatewayMetrics::request`]).
+#[derive(Debug)]
+pub struct RequestTimer {
+    metrics: Arc<GatewayMetrics>,
+    started: Instant,
+}
+
+impl RequestTimer {
+    /// Records the request's duration under its response status class (`2xx`, `4xx`, …).
+    pub fn finish(self, status: http::StatusCode) -> Duration {
+        let took = self.started.elapsed();
+        let class = match status.as_u16() / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        };
+        self.metrics
+            .recorder
+            .register_histogram(
+                &Key::from_parts(
+                    "idem_request_duration_seconds",
+                    vec![Label::from_static_parts("status", class)],
+                ),
+                &METADATA,
+            )
+            .record(took.as_secs_f64());
+        took
+    }
+}
+
+impl Drop for RequestTimer {
+    fn drop(&mut self) {
+        self.metrics.requests_in_flight.decrement(1.0);
+    }
+}
+
+/// Records one store call's duration when dropped, so that a call cut off by the layer's
+/// `store_timeout` counts too.
+struct StoreTimer {
+    metrics: Arc<GatewayMetrics>,
+    operation: usize,
+    started: Instant,
+}
+
+impl Drop for StoreTimer {
+    fn drop(&mut self) {
+        self.metrics.store_latency[self.operation].record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// A store that records how long each call takes.
+#[derive(Debug)]
+pub struct TimedStore {
+    inner: Arc<dyn Store>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl TimedStore {
+    /// Times every call to `inner` into `metrics`.
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<GatewayMetrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl Store for TimedStore {
+    async fn begin(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let _timer = self.metrics.store_call(0);
+        self.inner.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        token: Token,
+        stored: &Stored,
+        retain: Duration,
+    ) -> Result<SystemTime, StoreError> {
+        let _timer = self.metrics.store_call(1);
+        self.inner.complete(key, token, stored, retain).await
+    }
+    async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
+        let _timer = self.metrics.store_call(2);
+        self.inner.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &ScopedKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Lease, StoreError> {
+        let _timer = self.metrics.store_call(3);
+        self.inner.renew(key, token, lease).await
+    }
+    async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
+        let _timer = self.metrics.store_call(4);
+        self.inner.get(key).await
+    }
+    async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
+        let _timer = self.metrics.store_call(5);
+        self.inner.delete(key).await
+    }
+    async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
+        let _timer = self.metrics.store_call(6);
+        self.inner.sweep(limit).await
+    }
+    fn fatal_error(&self) -> Option<String> {
+        self.inner.fatal_error()
+    }
+}
+
+/// The proxy, with the time to each upstream answer (or failure) recorded.
+#[derive(Debug, Clone)]
+pub struct TimedProxy {
+    inner: Proxy,
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl TimedProxy {
+    /// Times every call to `inner` into `metrics`.
+    pub fn new(inner: Proxy, metrics: Arc<GatewayMetrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl tower::Service<Request<Body>> for TimedProxy {
+    type Response = Response<Incoming>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let call = self.inner.call(request);
+        let metrics = Arc::clone(&self.metrics);
+        Box::pin(async move {
+            let started = Instant::now();
+            let answer = call.await;
+            metrics
+                .upstream_latency
+                .record(started.elapsed().as_secs_f64());
+            answer
+        })
+    }
+}
