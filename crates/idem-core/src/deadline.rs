@@ -114,6 +114,18 @@ impl<S: Store> Store for TimeoutStore<S> {
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         within(self.limit, "sweep", self.inner.sweep(limit)).await
     }
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<crate::InFlightRecord>, StoreError> {
+        within(
+            self.limit,
+            "list in-flight records",
+            self.inner.in_flight(older_than, limit),
+        )
+        .await
+    }
     fn fatal_error(&self) -> Option<String> {
         self.inner.fatal_error()
     }

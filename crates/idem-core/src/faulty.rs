@@ -143,6 +143,14 @@ impl<S: Store> Store for FaultyStore<S> {
         self.stall_if_told().await;
         self.inner.sweep(limit).await
     }
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<crate::InFlightRecord>, StoreError> {
+        self.stall_if_told().await;
+        self.inner.in_flight(older_than, limit).await
+    }
     fn fatal_error(&self) -> Option<String> {
         let told = self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone();
         told.or_else(|| self.inner.fatal_error())

@@ -48,5 +48,5 @@ pub use fingerprint::{Fingerprint, FingerprintBuilder};
 pub use holder::{HoldOptions, Holder};
 pub use key::{DEFAULT_MAX_KEY_LEN, Key, KeyError, Scope, ScopedKey};
 pub use memory::MemoryStore;
-pub use record::{Begin, Lease, Record, RecordState, Stored, Token};
+pub use record::{Begin, InFlightRecord, Lease, Record, RecordState, Stored, Token};
 pub use store::{BoxError, Store, StoreError, spawn_sweeper, transition};

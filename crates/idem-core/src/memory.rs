@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::clock::{Clock, SystemClock};
-use crate::record::{Begin, Lease, Record, Stored, Token};
+use crate::record::{Begin, InFlightRecord, Lease, Record, RecordState, Stored, Token};
 use crate::store::{Store, StoreError, transition};
 use crate::{Fingerprint, ScopedKey};
 
@@ -41,17 +41,27 @@ pub struct MemoryStore {
 struct Kept {
     record: Record,
     until: SystemTime,
+    // When the current token claimed the key, for `in_flight`.
+    claimed_at: SystemTime,
 }
 
 impl Kept {
-    fn in_flight(record: Record, lease: Duration) -> Self {
+    fn in_flight(record: Record, lease: Duration, claimed_at: SystemTime) -> Self {
         let until = transition::kept_until(record.expires_at(), lease);
-        Self { record, until }
+        Self {
+            record,
+            until,
+            claimed_at,
+        }
     }
 
-    fn completed(record: Record) -> Self {
+    fn completed(record: Record, claimed_at: SystemTime) -> Self {
         let until = record.expires_at();
-        Self { record, until }
+        Self {
+            record,
+            until,
+            claimed_at,
+        }
     }
 }
 
@@ -116,7 +126,7 @@ impl Store for MemoryStore {
                 self.mint()
             })?;
         if let Some(record) = write {
-            records.insert(key.clone(), Kept::in_flight(record, lease));
+            records.insert(key.clone(), Kept::in_flight(record, lease, now));
         }
         Ok(answer)
     }
@@ -133,7 +143,8 @@ impl Store for MemoryStore {
         let (expires_at, write) =
             transition::complete(kept(&records, key, now), token, stored, now, retain)?;
         if let Some(record) = write {
-            records.insert(key.clone(), Kept::completed(record));
+            let claimed_at = records.get(key).map_or(now, |kept| kept.claimed_at);
+            records.insert(key.clone(), Kept::completed(record, claimed_at));
         }
         Ok(expires_at)
     }
@@ -159,7 +170,8 @@ impl Store for MemoryStore {
             token,
             expires_at: record.expires_at(),
         };
-        records.insert(key.clone(), Kept::in_flight(record, lease));
+        let claimed_at = records.get(key).map_or(now, |kept| kept.claimed_at);
+        records.insert(key.clone(), Kept::in_flight(record, lease, claimed_at));
         Ok(renewed)
     }
 
@@ -187,6 +199,36 @@ impl Store for MemoryStore {
             records.remove(key);
         }
         Ok(expired.len())
+    }
+
+    // A scan of the whole map: the memory store is for tests and small services.
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<InFlightRecord>, StoreError> {
+        let now = self.clock.now();
+        let records = self.records();
+        let mut held: Vec<InFlightRecord> = records
+            .iter()
+            .filter(|(_, kept)| kept.record.is_live(now))
+            .filter(|(_, kept)| {
+                now.duration_since(kept.claimed_at)
+                    .is_ok_and(|age| age >= older_than)
+            })
+            .filter_map(|(key, kept)| match kept.record.state {
+                RecordState::InFlight { lease_expires_at } => Some(InFlightRecord {
+                    key: key.clone(),
+                    token: kept.record.token,
+                    claimed_at: kept.claimed_at,
+                    lease_expires_at,
+                }),
+                RecordState::Completed { .. } => None,
+            })
+            .collect();
+        held.sort_by_key(|record| record.claimed_at);
+        held.truncate(limit);
+        Ok(held)
     }
 }
 

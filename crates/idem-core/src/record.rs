@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::Fingerprint;
 use crate::store::StoreError;
+use crate::{Fingerprint, ScopedKey};
 
 /// A fencing token. Each claim of a key gets a larger token than any earlier claim of that
 /// key, so a holder whose lease was taken over can be told apart from the new holder.
@@ -148,6 +148,19 @@ impl Record {
     pub fn is_live(&self, now: SystemTime) -> bool {
         now < self.expires_at()
     }
+}
+
+/// A key held in flight, as [`Store::in_flight`](crate::Store::in_flight) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlightRecord {
+    /// The key, with its scope as stored.
+    pub key: ScopedKey,
+    /// The holder's token.
+    pub token: Token,
+    /// When the current holder claimed the key (renewals do not move it).
+    pub claimed_at: SystemTime,
+    /// When the holder's lease ends, unless it renews.
+    pub lease_expires_at: SystemTime,
 }
 
 /// What [`Store::begin`](crate::Store::begin) answers.

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::record::{Begin, Lease, Record, RecordState, Stored, Token};
+use crate::record::{Begin, InFlightRecord, Lease, Record, RecordState, Stored, Token};
 use crate::{Fingerprint, ScopedKey};
 
 /// A boxed error from a backend, kept whole so its source chain survives.
@@ -54,6 +54,13 @@ pub enum StoreError {
         operation: &'static str,
         /// The deadline that passed.
         after: Duration,
+    },
+    /// This store cannot do `operation` (for instance list records, which a store keyed
+    /// only by digests cannot). Nothing was read or written.
+    #[error("this store cannot {operation}")]
+    Unsupported {
+        /// What the store was asked to do.
+        operation: &'static str,
     },
 }
 
@@ -161,6 +168,43 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// backend expires records by itself may always return 0.
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError>;
 
+    /// Up to `limit` records held in flight (lease not ended) whose claim is at least
+    /// `older_than` old, oldest claim first: keys a crashed or hung holder keeps from
+    /// running, for an operator to inspect or delete. A renewal does not make a claim
+    /// younger; a takeover does. The work per call is bounded by `limit` where the backend
+    /// keeps an index by claim time.
+    ///
+    /// The default answers [`StoreError::Unsupported`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_core::{Fingerprint, Key, ManualClock, MemoryStore, Scope, ScopedKey, Store};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::StoreError> {
+    /// let clock = ManualClock::new();
+    /// let store = MemoryStore::with_clock(clock.clone());
+    /// let key = ScopedKey::new(Scope::anonymous(), Key::new("pay-1").unwrap());
+    /// let fingerprint = Fingerprint::builder().part("body", b"{}").finish();
+    /// store.begin(&key, &fingerprint, Duration::from_secs(600)).await?;
+    ///
+    /// clock.advance(Duration::from_secs(60));
+    /// let stuck = store.in_flight(Duration::from_secs(30), 100).await?;
+    /// assert_eq!(stuck.len(), 1);
+    /// assert_eq!(stuck[0].key, key);
+    /// assert!(store.in_flight(Duration::from_secs(120), 100).await?.is_empty());
+    /// # Ok(()) }
+    /// ```
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<InFlightRecord>, StoreError> {
+        let _ = (older_than, limit);
+        Err(StoreError::Unsupported {
+            operation: "list in-flight records",
+        })
+    }
+
     /// Why this store can no longer serve at all, if that is so: a background worker it
     /// depends on (a writer thread, a sweeper) has died. A process that sees `Some` should
     /// report itself not ready and stop rather than limp on. The default is `None`.
@@ -207,6 +251,13 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         (**self).sweep(limit).await
+    }
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<InFlightRecord>, StoreError> {
+        (**self).in_flight(older_than, limit).await
     }
     fn fatal_error(&self) -> Option<String> {
         (**self).fatal_error()

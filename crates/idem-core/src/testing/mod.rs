@@ -823,6 +823,59 @@ pub async fn large_and_binary_outcomes<S: Store>(subject: Subject<S>) {
     }
 }
 
+/// `in_flight` lists keys held at least so long, oldest claim first, bounded by its limit;
+/// not completed, released or fresh ones; a renewal keeps the claim's age. A store that
+/// answers [`StoreError::Unsupported`] is not checked further.
+pub async fn in_flight_lists_old_claims<S: Store>(subject: Subject<S>) {
+    let (store, unit) = (&subject.store, subject.time.unit());
+    let fp = fingerprint("a");
+    let (held, other, done, released) = (
+        scoped("stuck-held"),
+        scoped_in("stuck-other-scope", "stuck-held"),
+        scoped("stuck-done"),
+        scoped("stuck-released"),
+    );
+    let first = acquire(&**store, &held, &fp, unit * 40).await;
+    match store.in_flight(Duration::ZERO, 10).await {
+        Err(StoreError::Unsupported { .. }) => return,
+        other => drop(other.expect("in_flight")),
+    }
+    subject.time.advance(unit / 5).await;
+    let second = acquire(&**store, &other, &fp, unit * 40).await;
+    let finished = acquire(&**store, &done, &fp, unit * 40).await;
+    store
+        .complete(&done, finished.token, &Stored::new(200), unit * 40)
+        .await
+        .unwrap();
+    let gone = acquire(&**store, &released, &fp, unit * 40).await;
+    store.release(&released, gone.token).await.unwrap();
+    subject.time.advance(unit * 2).await;
+    store.renew(&held, first.token, unit * 40).await.unwrap();
+    let fresh = scoped("stuck-fresh");
+    acquire(&**store, &fresh, &fp, unit * 40).await;
+
+    let stuck = store.in_flight(unit, 10).await.unwrap();
+    let keys: Vec<&ScopedKey> = stuck.iter().map(|record| &record.key).collect();
+    assert_eq!(
+        keys,
+        [&held, &other],
+        "oldest claim first, renewal kept its age"
+    );
+    assert_eq!(stuck[0].token, first.token);
+    assert_eq!(stuck[1].token, second.token);
+    assert!(stuck[0].claimed_at <= stuck[1].claimed_at);
+    assert!(
+        stuck[0].lease_expires_at > stuck[0].claimed_at + unit * 2,
+        "the lease shown is the renewed one"
+    );
+    let one = store.in_flight(unit, 1).await.unwrap();
+    assert_eq!(one.len(), 1, "the limit bounds the answer");
+    assert_eq!(one[0].key, held);
+    assert!(store.in_flight(unit * 30, 10).await.unwrap().is_empty());
+    let all = store.in_flight(Duration::ZERO, 10).await.unwrap();
+    assert_eq!(all.len(), 3, "the fresh claim counts with no minimum age");
+}
+
 /// Runs every case of the conformance suite as its own `#[tokio::test]`, each on a fresh
 /// subject from `$make` (an async function returning [`Subject`]).
 #[macro_export]
@@ -881,6 +934,7 @@ macro_rules! __conformance_cases {
             scopes_are_isolated,
             long_and_odd_keys,
             large_and_binary_outcomes,
+            in_flight_lists_old_claims,
         }
     };
 }
