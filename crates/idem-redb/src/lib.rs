@@ -50,15 +50,15 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use idem_core::{
-    Begin, Clock, Fingerprint, Lease, Record, ScopedKey, Store, StoreError, Stored, SystemClock,
-    Token, transition,
+    Begin, Clock, Fingerprint, InFlightRecord, Lease, Record, RecordState, ScopedKey, Store,
+    StoreError, Stored, SystemClock, Token, from_unix_millis, transition, unix_millis,
 };
 use redb::{ReadableDatabase, ReadableTableMetadata};
 use tokio::sync::oneshot;
 
 pub use redb;
 
-use crate::row::RECORDS;
+use crate::row::{CLAIMS, RECORDS};
 use crate::writer::{Job, Writer};
 
 /// Why a redb file could not be opened as a store.
@@ -359,6 +359,59 @@ impl Store for RedbStore {
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         self.alive("sweep")?;
         self.write(|reply| Job::Sweep { limit, reply }).await
+    }
+
+    // Walks the claim index oldest first: the work is the answer's length, plus entries of
+    // records whose lease ended (the sweeper removes those).
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<InFlightRecord>, StoreError> {
+        const OPERATION: &str = "list in-flight records";
+        self.alive(OPERATION)?;
+        let now = self.clock.now();
+        let Some(cutoff) = now.checked_sub(older_than) else {
+            return Ok(Vec::new());
+        };
+        let read_error = |e: redb::Error| StoreError::backend(OPERATION, e);
+        let txn = self.db.begin_read().map_err(|e| read_error(e.into()))?;
+        let claims = txn.open_table(CLAIMS).map_err(|e| read_error(e.into()))?;
+        let records = txn.open_table(RECORDS).map_err(|e| read_error(e.into()))?;
+        // Claims up to and including the cutoff's millisecond.
+        let mut bound = [0u8; 40];
+        bound[..8].copy_from_slice(&unix_millis(cutoff).saturating_add(1).to_be_bytes());
+        let mut held = Vec::new();
+        for entry in claims
+            .range(..bound.as_slice())
+            .map_err(|e| read_error(e.into()))?
+        {
+            if held.len() >= limit {
+                break;
+            }
+            let (entry, _) = entry.map_err(|e| read_error(e.into()))?;
+            let Some(row) = records
+                .get(&entry.value()[8..])
+                .map_err(|e| read_error(e.into()))?
+            else {
+                continue;
+            };
+            let kept = row::decode(row.value())?;
+            let (Some(key), RecordState::InFlight { lease_expires_at }) =
+                (kept.key, &kept.record.state)
+            else {
+                continue;
+            };
+            if kept.record.is_live(now) {
+                held.push(InFlightRecord {
+                    key,
+                    token: kept.record.token,
+                    claimed_at: from_unix_millis(kept.claimed_ms),
+                    lease_expires_at: *lease_expires_at,
+                });
+            }
+        }
+        Ok(held)
     }
 
     fn fatal_error(&self) -> Option<String> {

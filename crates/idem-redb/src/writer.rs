@@ -13,7 +13,7 @@ use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use crate::RedbOptions;
-use crate::row::{self, EXPIRY, Kept, LAST_TOKEN, META, RECORDS};
+use crate::row::{self, CLAIMS, EXPIRY, Kept, LAST_TOKEN, META, RECORDS};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -80,6 +80,7 @@ pub(crate) fn create_tables(db: &Database) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     txn.open_table(RECORDS)?;
     txn.open_table(EXPIRY)?;
+    txn.open_table(CLAIMS)?;
     txn.open_table(META)?;
     txn.commit()?;
     Ok(())
@@ -167,6 +168,7 @@ impl Writer {
 struct Tx<'t> {
     records: Table<'t, &'static [u8], &'static [u8]>,
     expiry: Table<'t, &'static [u8], ()>,
+    claims: Table<'t, &'static [u8], ()>,
     meta: Table<'t, &'static str, u64>,
     now: SystemTime,
     last_token: u64,
@@ -182,6 +184,7 @@ impl<'t> Tx<'t> {
         Ok(Self {
             records: txn.open_table(RECORDS)?,
             expiry: txn.open_table(EXPIRY)?,
+            claims: txn.open_table(CLAIMS)?,
             meta,
             now,
             last_token,
@@ -232,7 +235,8 @@ impl<'t> Tx<'t> {
                         retain,
                     )?;
                     if let Some(record) = write {
-                        self.save(&key, current.as_ref(), &record, expires_at)?;
+                        let claimed_ms = current.as_ref().map_or(0, |kept| kept.claimed_ms);
+                        self.save(&key, current.as_ref(), &record, expires_at, claimed_ms)?;
                     }
                     Ok(expires_at)
                 });
@@ -259,7 +263,8 @@ impl<'t> Tx<'t> {
                         lease,
                     )?;
                     let kept_until = transition::kept_until(record.expires_at(), lease);
-                    self.save(&key, current.as_ref(), &record, kept_until)?;
+                    let claimed_ms = current.as_ref().map_or(0, |kept| kept.claimed_ms);
+                    self.save(&key, current.as_ref(), &record, kept_until, claimed_ms)?;
                     Ok(Lease {
                         token,
                         expires_at: record.expires_at(),
@@ -308,7 +313,9 @@ impl<'t> Tx<'t> {
             self.last_token = next;
             self.minted = true;
             let kept_until = transition::kept_until(record.expires_at(), lease);
-            self.save(key, current.as_ref(), &record, kept_until)?;
+            // At least 1: 0 marks an unknown claim time.
+            let claimed_ms = unix_millis(self.now).max(1);
+            self.save(key, current.as_ref(), &record, kept_until, claimed_ms)?;
         }
         Ok(answer)
     }
@@ -331,18 +338,32 @@ impl<'t> Tx<'t> {
         old: Option<&Kept>,
         new: &Record,
         kept_until: SystemTime,
+        claimed_ms: u64,
     ) -> Result<(), StoreError> {
         let digest = key.digest();
-        let bytes = row::encode(key, new, kept_until)?;
+        let bytes = row::encode(key, new, kept_until, claimed_ms)?;
         let kept_ms = unix_millis(kept_until).max(unix_millis(new.expires_at()));
+        let claim = Kept {
+            record: new.clone(),
+            kept_ms,
+            claimed_ms,
+            key: None,
+        }
+        .claim_entry(&digest);
         let written = (|| -> Result<(), redb::Error> {
             if let Some(old) = old {
                 self.expiry
                     .remove(row::expiry_entry(&digest, old.kept_ms).as_slice())?;
+                if let Some(entry) = old.claim_entry(&digest) {
+                    self.claims.remove(entry.as_slice())?;
+                }
             }
             self.records.insert(digest.as_slice(), bytes.as_slice())?;
             self.expiry
                 .insert(row::expiry_entry(&digest, kept_ms).as_slice(), ())?;
+            if let Some(entry) = claim {
+                self.claims.insert(entry.as_slice(), ())?;
+            }
             Ok(())
         })();
         written.map_err(|error| self.storage("write a record", error))
@@ -354,6 +375,9 @@ impl<'t> Tx<'t> {
             if let Some(old) = old {
                 self.expiry
                     .remove(row::expiry_entry(&digest, old.kept_ms).as_slice())?;
+                if let Some(entry) = old.claim_entry(&digest) {
+                    self.claims.remove(entry.as_slice())?;
+                }
             }
             self.records.remove(digest.as_slice())?;
             Ok(())
@@ -378,7 +402,16 @@ impl<'t> Tx<'t> {
         let removed = (|| -> Result<(), redb::Error> {
             for entry in &due {
                 self.expiry.remove(entry.as_slice())?;
-                self.records.remove(&entry[8..])?;
+                let removed = self.records.remove(&entry[8..])?;
+                let claim = removed
+                    .and_then(|row| row::decode(row.value()).ok())
+                    .and_then(|kept| {
+                        let digest: [u8; 32] = entry[8..].try_into().ok()?;
+                        kept.claim_entry(&digest)
+                    });
+                if let Some(claim) = claim {
+                    self.claims.remove(claim.as_slice())?;
+                }
             }
             Ok(())
         })();
