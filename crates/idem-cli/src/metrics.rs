@@ -15,7 +15,7 @@ use axum::body::Body;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use idem_core::{Begin, Fingerprint, Lease, Record, ScopedKey, Store, StoreError, Stored, Token};
-use idem_http::IdempotencyStats;
+use idem_http::{IdempotencyStats, Outcome};
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::time::Instant;
@@ -31,19 +31,9 @@ const LATENCY_BUCKETS: [f64; 14] = [
 /// Reads one counter of a layer.
 type Reader = fn(&IdempotencyStats) -> u64;
 
-/// What each layer counter is exported as: `idem_requests_total{outcome=…}` for the
-/// counters that say how a keyed request ended, and one counter each for the rest, which
-/// overlap with those (a lost lease is also an execution).
-const REQUEST_OUTCOMES: [(&str, Reader); 6] = [
-    ("executed", IdempotencyStats::executed),
-    ("replayed", IdempotencyStats::replayed),
-    ("in_flight", IdempotencyStats::in_flight),
-    ("mismatch", IdempotencyStats::mismatches),
-    ("overloaded", IdempotencyStats::overloaded),
-    ("fail_open", IdempotencyStats::fail_open),
-];
-
-/// The other layer counters: name, help, reader.
+/// `idem_requests_total{outcome=…}` counts every request a layer handled by how it ended
+/// ([`Outcome`], a partition); these counters overlap with it (a lost lease is also an
+/// execution), so they are exported one each: name, help, reader.
 const LAYER_COUNTERS: [(&str, &str, Reader); 5] = [
     (
         "idem_store_errors_total",
@@ -115,7 +105,7 @@ impl GatewayMetrics {
         describe(
             "idem_requests_total",
             None,
-            "Keyed requests by how they ended (outcome label).",
+            "Requests the idempotency layer handled (keyed or refused), by how they ended.",
         );
         for (name, help, _) in LAYER_COUNTERS {
             describe(name, None, help);
@@ -180,9 +170,13 @@ impl GatewayMetrics {
     /// over routes) as they are now.
     pub fn render(&self, layers: &[Arc<IdempotencyStats>]) -> String {
         let sum = |read: Reader| layers.iter().map(|stats| read(stats)).sum::<u64>();
-        for (outcome, read) in REQUEST_OUTCOMES {
-            self.counter("idem_requests_total", vec![Label::new("outcome", outcome)])
-                .absolute(sum(read));
+        for outcome in Outcome::ALL {
+            let count = layers.iter().map(|stats| stats.outcome(outcome)).sum();
+            self.counter(
+                "idem_requests_total",
+                vec![Label::from_static_parts("outcome", outcome.as_str())],
+            )
+            .absolute(count);
         }
         for (name, _, read) in LAYER_COUNTERS {
             self.counter(name, Vec::new()).absolute(sum(read));

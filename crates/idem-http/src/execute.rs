@@ -19,7 +19,7 @@ use crate::policy::Config;
 use crate::problem::{IdempotencyError, PROBLEM_JSON, set_expires};
 use crate::replay::{kept_headers, problem};
 use crate::service::Shared;
-use crate::stats::Counter;
+use crate::stats::{Counter, Outcome, UpstreamTook, hashed, marked};
 
 /// A keyed request, with its body read, ready to go to the inner service.
 pub(crate) struct Job<S> {
@@ -82,6 +82,7 @@ where
         }
     };
     let answer = tokio::time::timeout_at(deadline, call).await;
+    let took = UpstreamTook(started.elapsed());
     let upstream = match &answer {
         Err(_) => Upstream::TimedOut,
         Ok(Err(error)) if NotSent::is_in(&**error) => Upstream::NotSent,
@@ -97,6 +98,7 @@ where
             after: policy.upstream_timeout,
         },
     };
+    let mut outcome = Outcome::Executed;
     let (mut response, stored) = match (after_run(&shared.config, upstream), answer) {
         (AfterRun::Release, answer) => {
             if let Err(error) = holder.release().await {
@@ -104,21 +106,34 @@ where
                 shared.stats.count(Counter::StoreError);
                 tracing::warn!(%error, "could not release an idempotency key");
             }
-            return match answer {
-                Ok(Ok(response)) => response.map(IdempotencyBody::passthrough),
+            let (mut response, outcome) = match answer {
+                Ok(Ok(response)) => (
+                    response.map(IdempotencyBody::passthrough),
+                    Outcome::Executed,
+                ),
                 Ok(Err(source)) => {
                     tracing::warn!(error = %source, "upstream unreachable; the key was released");
-                    problem(&IdempotencyError::UpstreamUnavailable { source }, None)
+                    (
+                        problem(&IdempotencyError::UpstreamUnavailable { source }, None),
+                        Outcome::UpstreamUnavailable,
+                    )
                 }
-                Err(elapsed) => problem(&unknown(Err(elapsed)), None),
+                Err(elapsed) => (
+                    problem(&unknown(Err(elapsed)), None),
+                    Outcome::UnknownOutcome,
+                ),
             };
+            response.extensions_mut().insert(took);
+            return marked(response, outcome);
         }
         (AfterRun::Hold, answer) => {
             let error = unknown(answer);
             shared.stats.count(Counter::UnknownOutcome);
-            tracing::warn!(%error, key = ?holder.key(), "unknown outcome; the key stays held until its lease ends");
+            tracing::warn!(%error, key = %hashed(holder.key()), "unknown outcome; the key stays held until its lease ends");
             holder.hold();
-            return problem(&error, None);
+            let mut response = problem(&error, None);
+            response.extensions_mut().insert(took);
+            return marked(response, Outcome::UnknownOutcome);
         }
         (AfterRun::Store, Ok(Ok(response))) => {
             let (parts, body) = response.into_parts();
@@ -138,7 +153,7 @@ where
                     )
                 }
                 Read::Failed(parts, prefix, error) => {
-                    tracing::warn!(key = ?holder.key(), "inner response body failed; keeping its status only");
+                    tracing::warn!(key = %hashed(holder.key()), "inner response body failed; keeping its status only");
                     let stored = to_stored(&shared.config, &parts, None);
                     (
                         Response::from_parts(parts, IdempotencyBody::failed(prefix, error)),
@@ -150,7 +165,8 @@ where
         (AfterRun::Store, answer) => {
             let error = unknown(answer);
             shared.stats.count(Counter::UnknownOutcome);
-            tracing::warn!(%error, key = ?holder.key(), "unknown outcome; storing it so that it never runs again");
+            tracing::warn!(%error, key = %hashed(holder.key()), "unknown outcome; storing it so that it never runs again");
+            outcome = Outcome::UnknownOutcome;
             let answer = error.to_response();
             let stored = Stored::new(answer.status().as_u16())
                 .with_header(CONTENT_TYPE.as_str(), PROBLEM_JSON)
@@ -158,6 +174,7 @@ where
             (answer.map(IdempotencyBody::full), stored)
         }
     };
+    response.extensions_mut().insert(took);
     let key = holder.key().clone();
     match holder.complete(&stored, retention).await {
         Ok(expires_at) => set_expires(response.headers_mut(), expires_at),
@@ -165,16 +182,16 @@ where
             // Another claim took the key over after this lease ended: that request may
             // run the operation again; the forwarded key is the upstream's second line.
             shared.stats.count(Counter::LeaseLost);
-            tracing::error!(?key, "lease lost before the response could be stored");
+            tracing::error!(key = %hashed(&key), "lease lost before the response could be stored");
         }
         Err(error) => {
             // Never released: the key stays held until its lease ends.
             shared.stats.count(Counter::StoreError);
             shared.stats.count(Counter::NotStored);
-            tracing::error!(%error, ?key, "could not store a completed response; the key stays held until its lease ends");
+            tracing::error!(%error, key = %hashed(&key), "could not store a completed response; the key stays held until its lease ends");
         }
     }
-    response
+    marked(response, outcome)
 }
 
 /// The outcome kept for replay of a response with these parts.

@@ -230,7 +230,7 @@ pub use policy::{
 };
 pub use problem::{IdempotencyError, PROBLEM_JSON, Problem};
 pub use service::Idempotency;
-pub use stats::IdempotencyStats;
+pub use stats::{IdempotencyStats, Outcome};
 pub use upstream::NotSent;
 
 use http::HeaderName;

@@ -29,7 +29,9 @@ use crate::policy::Config;
 use crate::problem::IdempotencyError;
 use crate::replay::{problem, replay};
 use crate::request::{protect_relied_on_headers, read_body};
-use crate::stats::{Counter, IdempotencyStats};
+use crate::stats::{
+    Counter, IdempotencyStats, Outcome, RequestLabel, UpstreamTook, finish, hashed, marked,
+};
 
 /// First and longest pause between polls of the store while waiting for a request in flight.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -174,6 +176,19 @@ where
             scope: scope.as_ref(),
         };
         let entry = on_arrival(config, arrival);
+        let started = Instant::now();
+        let label = RequestLabel::new(
+            &parts.method,
+            scope.as_ref(),
+            match (&entry, &scope) {
+                (Entry::Keyed(key), Some(scope)) => {
+                    Some(ScopedKey::new(scope.clone(), key.clone()))
+                }
+                _ => None,
+            }
+            .as_ref(),
+            matches!(entry, Entry::Derive),
+        );
         let name = match (entry, scope) {
             (Entry::Keyed(key), Some(scope)) => Ok(Name::Given(ScopedKey::new(scope, key))),
             (Entry::Derive, Some(scope)) => Ok(Name::Derived(scope)),
@@ -186,17 +201,45 @@ where
                 // The keyed path calls a clone (made ready on the task that uses it),
                 // leaving `self.inner` ready for the next call.
                 let inner = self.inner.clone();
-                ResponseFuture::managed(Box::pin(keyed(
-                    Arc::clone(shared),
-                    inner,
-                    name,
-                    Request::from_parts(parts, body),
-                    path,
-                )))
+                let shared = Arc::clone(shared);
+                ResponseFuture::managed(Box::pin(async move {
+                    let response = keyed(
+                        Arc::clone(&shared),
+                        inner,
+                        name,
+                        Request::from_parts(parts, body),
+                        path,
+                    )
+                    .await;
+                    let outcome = response.extensions().get::<Outcome>().copied();
+                    let upstream = response
+                        .extensions()
+                        .get::<UpstreamTook>()
+                        .map(|took| took.0);
+                    finish(
+                        &shared.stats,
+                        &label,
+                        outcome.unwrap_or(Outcome::Executed),
+                        response.status(),
+                        started.elapsed(),
+                        upstream,
+                    );
+                    response
+                }))
             }
             (Err(Entry::Refuse(error)), _) => {
                 tracing::debug!(%error, "refused a keyed request");
-                ResponseFuture::ready(problem(&error, None))
+                let response = problem(&error, None);
+                let outcome = Outcome::of(&error);
+                finish(
+                    &shared.stats,
+                    &label,
+                    outcome,
+                    response.status(),
+                    started.elapsed(),
+                    None,
+                );
+                ResponseFuture::ready(marked(response, outcome))
             }
             _ => ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body))),
         }
@@ -272,7 +315,7 @@ where
             if matches!(error, IdempotencyError::Overloaded { .. }) {
                 shared.stats.count(Counter::Overloaded);
             }
-            return problem(&error, None);
+            return marked(problem(&error, None), Outcome::of(&error));
         }
     };
     let fingerprint = request_fingerprint(&shared.config, &parts, &path, &body);
@@ -318,7 +361,7 @@ where
                     let error = IdempotencyError::OutcomeUnknown {
                         source: cancelled.into(),
                     };
-                    return problem(&error, None);
+                    return marked(problem(&error, None), Outcome::UnknownOutcome);
                 }
             },
         };
@@ -334,7 +377,7 @@ where
         ) {
             (AfterRefusal::Replay, Refusal::Completed { stored, expires_at }) => {
                 shared.stats.count(Counter::Replayed);
-                return replay(&stored, expires_at);
+                return marked(replay(&stored, expires_at), Outcome::Replayed);
             }
             (AfterRefusal::Mismatch, _) => {
                 shared.stats.count(Counter::Mismatch);
@@ -342,7 +385,10 @@ where
                     Ok(record) => record.map(|r| r.expires_at()),
                     Err(_) => None,
                 };
-                return problem(&IdempotencyError::Mismatch, expires);
+                return marked(
+                    problem(&IdempotencyError::Mismatch, expires),
+                    Outcome::Mismatch,
+                );
             }
             (AfterRefusal::WaitThenRetry(pause), _) => {
                 tokio::time::sleep(pause).await;
@@ -355,13 +401,16 @@ where
                     Refusal::InFlight { retry_after: left } => SystemTime::now().checked_add(left),
                     _ => None,
                 };
-                return problem(&IdempotencyError::InFlight { retry_after }, lease_end);
+                return marked(
+                    problem(&IdempotencyError::InFlight { retry_after }, lease_end),
+                    Outcome::InFlight,
+                );
             }
             (AfterRefusal::ForwardUnprotected, Refusal::StoreFailed(source)) => {
                 shared.stats.count(Counter::StoreError);
                 shared.stats.count(Counter::FailOpen);
-                tracing::warn!(error = %source, ?key, "idempotency store failed; forwarding unprotected (fail_open)");
-                return forward_unprotected(job).await;
+                tracing::warn!(error = %source, key = %hashed(&key), "idempotency store failed; forwarding unprotected (fail_open)");
+                return marked(forward_unprotected(job).await, Outcome::FailOpen);
             }
             (_, refusal) => {
                 let source = match refusal {
@@ -369,8 +418,11 @@ where
                     _ => StoreError::corrupt("the store's answer does not fit the claim"),
                 };
                 shared.stats.count(Counter::StoreError);
-                tracing::warn!(error = %source, ?key, "idempotency store failed; answering 503");
-                return problem(&IdempotencyError::StoreUnavailable { source }, None);
+                tracing::warn!(error = %source, key = %hashed(&key), "idempotency store failed; answering 503");
+                return marked(
+                    problem(&IdempotencyError::StoreUnavailable { source }, None),
+                    Outcome::StoreUnavailable,
+                );
             }
         }
     }

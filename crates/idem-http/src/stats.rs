@@ -1,6 +1,13 @@
-//! Counters a running layer keeps, for metrics and tests.
+//! Counters a running layer keeps, for metrics and tests, and the one log line per
+//! handled request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{Method, Response, StatusCode};
+use idem_core::{Scope, ScopedKey};
+
+use crate::problem::IdempotencyError;
 
 /// What the layer has done since it was built, shared by every service the layer made.
 /// Read it from [`IdempotencyLayer::stats`](crate::IdempotencyLayer::stats) or
@@ -19,8 +26,200 @@ pub struct IdempotencyStats {
     overloaded: AtomicU64,
     derived: AtomicU64,
     running: AtomicU64,
+    /// Indexed by [`Outcome`]'s discriminant.
+    outcomes: [AtomicU64; Outcome::ALL.len()],
     /// A moving average of the inner service's answer time, in microseconds (0: none yet).
     latency_micros: AtomicU64,
+}
+
+/// How the layer answered one request it handled (a keyed one, or one it refused), in
+/// the response's extensions as the layer hands it back, and counted by
+/// [`IdempotencyStats::outcome`]. Every handled request has exactly one.
+///
+/// ```
+/// use idem_http::Outcome;
+///
+/// assert_eq!(Outcome::Replayed.as_str(), "replayed");
+/// assert!(Outcome::ALL.contains(&Outcome::UnknownOutcome));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Claimed and sent to the inner service, which answered.
+    Executed,
+    /// Answered with the stored response (including `response-not-kept`).
+    Replayed,
+    /// `409`: the key was in flight.
+    InFlight,
+    /// `422`: the key belonged to another request.
+    Mismatch,
+    /// `400`: the route requires a key and there was none.
+    MissingKey,
+    /// `400`: the key header was malformed or repeated.
+    MalformedKey,
+    /// `400`: the route requires a caller identity and there was none.
+    MissingIdentity,
+    /// `400`: a protected method on an ambiguous path.
+    AmbiguousPath,
+    /// `413`: the body was larger than `max_request_body`.
+    TooLarge,
+    /// `400`/`408`: the body could not be read, or did not arrive in time.
+    BodyUnreadable,
+    /// `503`: the body budget was spent.
+    Overloaded,
+    /// `503`: the store failed; nothing ran.
+    StoreUnavailable,
+    /// The store failed and the policy forwarded the request unprotected.
+    FailOpen,
+    /// `502`: the upstream could not be reached; the key was released.
+    UpstreamUnavailable,
+    /// `502`/`504`: the upstream failed after the request may have reached it, or timed
+    /// out; never run again with this key.
+    UnknownOutcome,
+}
+
+impl Outcome {
+    /// Every outcome, in discriminant order.
+    pub const ALL: [Self; 15] = [
+        Self::Executed,
+        Self::Replayed,
+        Self::InFlight,
+        Self::Mismatch,
+        Self::MissingKey,
+        Self::MalformedKey,
+        Self::MissingIdentity,
+        Self::AmbiguousPath,
+        Self::TooLarge,
+        Self::BodyUnreadable,
+        Self::Overloaded,
+        Self::StoreUnavailable,
+        Self::FailOpen,
+        Self::UpstreamUnavailable,
+        Self::UnknownOutcome,
+    ];
+
+    /// Its name in logs and metric labels, in snake case.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::Replayed => "replayed",
+            Self::InFlight => "in_flight",
+            Self::Mismatch => "mismatch",
+            Self::MissingKey => "missing_key",
+            Self::MalformedKey => "malformed_key",
+            Self::MissingIdentity => "missing_identity",
+            Self::AmbiguousPath => "ambiguous_path",
+            Self::TooLarge => "too_large",
+            Self::BodyUnreadable => "body_unreadable",
+            Self::Overloaded => "overloaded",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::FailOpen => "fail_open",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UnknownOutcome => "unknown_outcome",
+        }
+    }
+
+    /// The outcome of answering with `error`.
+    pub(crate) fn of(error: &IdempotencyError) -> Self {
+        match error {
+            IdempotencyError::MissingKey { .. } => Self::MissingKey,
+            IdempotencyError::MalformedKey { .. } | IdempotencyError::RepeatedKey { .. } => {
+                Self::MalformedKey
+            }
+            IdempotencyError::Mismatch => Self::Mismatch,
+            IdempotencyError::InFlight { .. } => Self::InFlight,
+            IdempotencyError::BodyTooLarge { .. } => Self::TooLarge,
+            IdempotencyError::BodyUnreadable { .. } | IdempotencyError::BodyTimeout { .. } => {
+                Self::BodyUnreadable
+            }
+            IdempotencyError::StoreUnavailable { .. } => Self::StoreUnavailable,
+            IdempotencyError::UpstreamUnavailable { .. } => Self::UpstreamUnavailable,
+            IdempotencyError::OutcomeUnknown { .. } | IdempotencyError::UpstreamTimeout { .. } => {
+                Self::UnknownOutcome
+            }
+            IdempotencyError::Overloaded { .. } => Self::Overloaded,
+            IdempotencyError::AmbiguousPath { .. } => Self::AmbiguousPath,
+            IdempotencyError::MissingIdentity => Self::MissingIdentity,
+            IdempotencyError::ResponseNotKept { .. } => Self::Replayed,
+        }
+    }
+}
+
+/// Marks `response` with how it came about.
+pub(crate) fn marked<B>(mut response: Response<B>, outcome: Outcome) -> Response<B> {
+    response.extensions_mut().insert(outcome);
+    response
+}
+
+/// How long the inner service took to answer a request that ran, in its response's
+/// extensions, for the log line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UpstreamTook(pub(crate) Duration);
+
+/// Who and what a handled request was, for its log line: never the raw key or scope
+/// (the scope may be made of a credential), only short digests of them, which stay the
+/// same across a request's retries so that its lines can be found together.
+pub(crate) struct RequestLabel {
+    pub(crate) method: Method,
+    pub(crate) scope: Option<String>,
+    pub(crate) key: Option<String>,
+}
+
+impl RequestLabel {
+    /// A derived key is not known until the body is read, so it shows as `derived`.
+    pub(crate) fn new(
+        method: &Method,
+        scope: Option<&Scope>,
+        key: Option<&ScopedKey>,
+        derived: bool,
+    ) -> Self {
+        let key = match key {
+            Some(key) => Some(hashed(key)),
+            None if derived => Some("derived".to_owned()),
+            None => None,
+        };
+        Self {
+            method: method.clone(),
+            scope: scope.map(|scope| short_hex(blake3::hash(scope.as_str().as_bytes()).as_bytes())),
+            key,
+        }
+    }
+}
+
+/// A key as logs show it: a short digest of scope and key, never the key itself.
+pub(crate) fn hashed(key: &ScopedKey) -> String {
+    short_hex(&key.digest())
+}
+
+/// The first 8 bytes in hex: enough to tell requests apart in logs.
+fn short_hex(digest: &[u8]) -> String {
+    digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Counts a handled request's outcome and logs its one line.
+pub(crate) fn finish(
+    stats: &IdempotencyStats,
+    label: &RequestLabel,
+    outcome: Outcome,
+    status: StatusCode,
+    took: Duration,
+    upstream: Option<Duration>,
+) {
+    stats.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        target: "idem::request",
+        outcome = outcome.as_str(),
+        status = status.as_u16(),
+        method = %label.method,
+        scope = label.scope.as_deref().unwrap_or("-"),
+        key = label.key.as_deref().unwrap_or("-"),
+        total_ms = took.as_secs_f64() * 1000.0,
+        upstream_ms = upstream.map(|took| took.as_secs_f64() * 1000.0),
+        "handled a keyed request"
+    );
 }
 
 /// Counts one detached keyed request as running until dropped.
@@ -154,6 +353,11 @@ impl IdempotencyStats {
     /// Keyed requests answered `503` `overloaded` because the body budget was spent.
     pub fn overloaded(&self) -> u64 {
         self.overloaded.load(Ordering::Relaxed)
+    }
+
+    /// Requests the layer handled (keyed, or refused) that ended with `outcome`.
+    pub fn outcome(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome as usize].load(Ordering::Relaxed)
     }
 
     /// Requests without a key that were keyed by their fingerprint
