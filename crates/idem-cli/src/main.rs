@@ -36,6 +36,8 @@ enum Command {
     Demo(idem_cli::demo::DemoArgs),
     /// Probe an endpoint and report how idempotent it is (exit 1 on failures, 2 on bad usage).
     Check(idem_cli::check::CheckArgs),
+    /// Look up or delete a key's record, or list stuck keys, directly in a store.
+    Keys(idem_cli::keys::KeysArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo(&args),
         Command::Check(args) => idem_cli::check::main(&args),
+        Command::Keys(args) => idem_cli::keys::main(&args),
     }
 }
 
