@@ -33,7 +33,14 @@ use crate::gateway::Gateway;
 pub struct Admin {
     gateway: Gateway,
     ready_timeout: Duration,
+    stuck_after: Duration,
 }
+
+/// The default of [`Admin::stuck_after`].
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(5 * 60);
+
+/// `idem_stuck_leases` counts at most this many, so a scrape's store work stays bounded.
+pub const STUCK_COUNT_LIMIT: usize = 1000;
 
 impl Admin {
     /// Reports on `gateway`; `/readyz` gives the store `ready_timeout` to answer.
@@ -41,6 +48,28 @@ impl Admin {
         Self {
             gateway,
             ready_timeout,
+            stuck_after: DEFAULT_STUCK_AFTER,
+        }
+    }
+
+    /// Counts a key as a stuck lease in `/metrics` once it has been in flight this long
+    /// (default [`DEFAULT_STUCK_AFTER`]).
+    pub fn stuck_after(mut self, after: Duration) -> Self {
+        self.stuck_after = after;
+        self
+    }
+
+    /// Keys in flight for longer than `stuck_after`, up to [`STUCK_COUNT_LIMIT`]; `None`
+    /// when the store cannot list them or did not answer within the readiness timeout.
+    pub async fn stuck_leases(&self) -> Option<u64> {
+        let listed = self.store().in_flight(self.stuck_after, STUCK_COUNT_LIMIT);
+        match tokio::time::timeout(self.ready_timeout, listed).await {
+            Ok(Ok(stuck)) => Some(stuck.len() as u64),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cannot count stuck leases");
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -111,7 +140,11 @@ async fn readyz(State(admin): State<Admin>) -> Response {
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {
-    let text = admin.gateway.metrics().render(&admin.gateway.stats());
+    let stuck = admin.stuck_leases().await;
+    let text = admin
+        .gateway
+        .metrics()
+        .render(&admin.gateway.stats(), stuck);
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

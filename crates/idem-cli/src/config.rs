@@ -50,6 +50,9 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`), or `off`.
     pub admin_listen: Option<String>,
+    /// How long a key may stay in flight before `/metrics` counts it as a stuck lease.
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Option<Duration>,
     /// The service behind the gateway.
     pub upstream: Option<String>,
     /// `[upstream_tls]`: the authorities an `https://` upstream is verified against, and
@@ -336,6 +339,9 @@ pub struct GatewayConfig {
     /// Where the admin listener (`/metrics`, `/healthz`, `/readyz`) listens (default
     /// [`DEFAULT_ADMIN_LISTEN`]); `None` when turned `off`.
     pub admin_listen: Option<SocketAddr>,
+    /// How long a key may stay in flight before `/metrics` counts it in `idem_stuck_leases`
+    /// (default 5 min).
+    pub stuck_after: Duration,
     /// Where to forward.
     pub upstream: Upstream,
     /// Where records live.
@@ -525,6 +531,12 @@ impl GatewayConfig {
         Ok(Self {
             listen,
             admin_listen,
+            stuck_after: duration(
+                "stuck_after",
+                file.stuck_after,
+                crate::admin::DEFAULT_STUCK_AFTER,
+                Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 60 * 60),
+            )?,
             upstream,
             store,
             connect_timeout: duration(

@@ -494,10 +494,9 @@ pub async fn serve_with_store(
             .await
             .map_err(|source| ServeError::Bind { addr, source })?;
         let admin_addr = admin_listener.local_addr().unwrap_or(addr);
-        let routes = crate::admin::router(crate::admin::Admin::new(
-            gateway.clone(),
-            config.default_policy.store_timeout,
-        ));
+        let admin = crate::admin::Admin::new(gateway.clone(), config.default_policy.store_timeout)
+            .stuck_after(config.stuck_after);
+        let routes = crate::admin::router(admin);
         tracing::info!(admin = %admin_addr, "admin listener is ready: /metrics, /healthz, /readyz");
         tokio::spawn(async move {
             let stopped = async move {

@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use axum::body::Body;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use idem_core::{Begin, Fingerprint, Lease, Record, ScopedKey, Store, StoreError, Stored, Token};
+use idem_core::{
+    Begin, Fingerprint, InFlightRecord, Lease, Record, ScopedKey, Store, StoreError, Stored, Token,
+};
 use idem_http::{IdempotencyStats, Outcome};
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -122,6 +124,13 @@ impl GatewayMetrics {
              whether or not their client still waits."
                 .into(),
         );
+        recorder.describe_gauge(
+            "idem_stuck_leases".into(),
+            None,
+            "Keys in flight for longer than stuck_after (counted up to 1000), where the store \
+             can list them."
+                .into(),
+        );
         recorder.describe_histogram(
             "idem_request_duration_seconds".into(),
             Some(Unit::Seconds),
@@ -167,8 +176,13 @@ impl GatewayMetrics {
     }
 
     /// The Prometheus text exposition of everything, with the layers' counters (summed
-    /// over routes) as they are now.
-    pub fn render(&self, layers: &[Arc<IdempotencyStats>]) -> String {
+    /// over routes) as they are now, and the count of stuck leases if the store told it.
+    pub fn render(&self, layers: &[Arc<IdempotencyStats>], stuck_leases: Option<u64>) -> String {
+        if let Some(stuck) = stuck_leases {
+            self.recorder
+                .register_gauge(&Key::from_static_name("idem_stuck_leases"), &METADATA)
+                .set(stuck as f64);
+        }
         let sum = |read: Reader| layers.iter().map(|stats| read(stats)).sum::<u64>();
         for outcome in Outcome::ALL {
             let count = layers.iter().map(|stats| stats.outcome(outcome)).sum();
@@ -326,6 +340,13 @@ impl Store for TimedStore {
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         let _timer = self.metrics.store_call(6);
         self.inner.sweep(limit).await
+    }
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<InFlightRecord>, StoreError> {
+        self.inner.in_flight(older_than, limit).await
     }
     fn fatal_error(&self) -> Option<String> {
         self.inner.fatal_error()

@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -274,4 +275,78 @@ async fn log_format_json_writes_one_object_per_line() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_held_past_stuck_after_shows_as_a_stuck_lease() {
+    let upstream = Upstream::start().await;
+    // The store itself, not `memory:`'s sweeping wrapper, which does not pass the listing on.
+    let store: Arc<dyn idem_core::Store> = Arc::new(idem_core::MemoryStore::new());
+    let config = load_config("", upstream_only(&upstream));
+    let gateway = TestGateway::with_store(&config, store).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    let routes = router(
+        Admin::new(gateway.gateway.clone(), Duration::from_secs(2))
+            .stuck_after(Duration::from_secs(1)),
+    );
+    tokio::spawn(serve(listener, routes, std::future::pending()));
+    assert_eq!(sample(&scrape(admin).await, "idem_stuck_leases"), 0.0);
+
+    // A claim whose holder went away: held for its whole lease, as after a crash.
+    let key = idem_core::ScopedKey::new(
+        idem_core::Scope::anonymous(),
+        idem_core::Key::new(&format!("stuck-{}", unique())).unwrap(),
+    );
+    let fingerprint = idem_core::Fingerprint::builder()
+        .part("body", b"{}")
+        .finish();
+    gateway
+        .store
+        .begin(&key, &fingerprint, Duration::from_secs(600))
+        .await
+        .unwrap();
+    eventually("the held key to count as stuck", || async {
+        (sample(&scrape(admin).await, "idem_stuck_leases") == 1.0).then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn admin_settings_are_validated() {
+    let resolve = |file: &str, admin: Option<&str>| {
+        let file: idem_cli::config::FileConfig = toml::from_str(file).unwrap();
+        idem_cli::config::GatewayConfig::resolve(
+            file,
+            &Overrides {
+                upstream: Some("http://127.0.0.1:3000".into()),
+                admin_listen: admin.map(str::to_owned),
+                ..Overrides::default()
+            },
+        )
+    };
+    let default = resolve("", None).unwrap();
+    assert_eq!(
+        default.admin_listen,
+        Some("127.0.0.1:9090".parse().unwrap())
+    );
+    assert_eq!(default.stuck_after, Duration::from_secs(300));
+    assert_eq!(resolve("", Some("off")).unwrap().admin_listen, None);
+    assert_eq!(
+        resolve("admin_listen = \"none\"", None)
+            .unwrap()
+            .admin_listen,
+        None
+    );
+    // The flag wins over the file.
+    assert_eq!(
+        resolve("admin_listen = \"off\"", Some("127.0.0.1:9191"))
+            .unwrap()
+            .admin_listen,
+        Some("127.0.0.1:9191".parse().unwrap())
+    );
+    let bad = resolve("", Some("localhost")).unwrap_err();
+    assert_eq!(bad.field, "admin_listen", "{bad}");
+    let bad = resolve("stuck_after = \"0s\"", None).unwrap_err();
+    assert_eq!(bad.field, "stuck_after", "{bad}");
 }
