@@ -1,0 +1,220 @@
+//! `idem keys` (the real binary) against redb, Redis and Postgres, and the admin `/keys`
+//! routes' bearer token.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use common::*;
+use idem_cli::config::Overrides;
+use idem_cli::keys::{AdminToken, routes};
+use idem_core::{Begin, Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store, Stored};
+use idem_redb::RedbStore;
+
+fn overrides(upstream: &Upstream, store: &str) -> Overrides {
+    Overrides {
+        store: Some(store.to_owned()),
+        ..upstream_only(upstream)
+    }
+}
+
+/// One keyed POST through a fresh in-process gateway on `store`; the gateway is stopped
+/// (and its store closed) before this returns, so a redb file is free for `idem keys`.
+async fn pay_once(upstream: &Upstream, store: &str, key: &str) -> Answer {
+    let gateway = TestGateway::start(&load_config("", overrides(upstream, store))).await;
+    let answer = send(&client(), keyed(&gateway.url("/payments"), key, "{}")).await;
+    gateway.stop().await;
+    answer
+}
+
+/// `idem keys get` shows the record, `idem keys delete` forgets it, and the next request
+/// with the key runs again at the upstream.
+async fn delete_makes_the_next_request_run_again(store: &str) {
+    let upstream = Upstream::start().await;
+    let key = format!("keys-delete-{}", unique());
+    let first = pay_once(&upstream, store, &key).await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let replay = pay_once(&upstream, store, &key).await;
+    assert!(replay.is_replay(), "{replay:?}");
+    assert_eq!(upstream.count(&key), 1);
+
+    let (status, out, err) = run_idem(&["keys", "get", &key, "--store", store, "--body"]);
+    assert!(status.success(), "{out}{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["state"], "completed", "{view}");
+    assert_eq!(view["scope"], "anonymous");
+    assert_eq!(view["status"], 201);
+    assert!(view["body"].is_string(), "--body shows the body: {view}");
+    let (_, without_body, _) = run_idem(&["keys", "get", &key, "--store", store]);
+    assert!(!without_body.contains("\"body\""), "{without_body}");
+
+    let (status, out, err) = run_idem(&["keys", "delete", &key, "--store", store]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("\"deleted\": true"), "{out}");
+    let (status, _, _) = run_idem(&["keys", "get", &key, "--store", store]);
+    assert_eq!(status.code(), Some(1), "a deleted key is not found");
+
+    let again = pay_once(&upstream, store, &key).await;
+    assert!(!again.is_replay(), "{again:?}");
+    assert_eq!(upstream.count(&key), 2, "the deleted key ran again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_delete_on_a_redb_file_makes_the_next_request_execute_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("redb:{}", dir.path().join("idem.redb").display());
+    delete_makes_the_next_request_run_again(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_delete_on_redis_makes_the_next_request_execute_again() {
+    let prefix = RedisPrefix::new("keys-delete");
+    delete_makes_the_next_request_run_again(&prefix.store_url(None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_delete_on_postgres_makes_the_next_request_execute_again() {
+    let schema = PostgresSchema::new("keys_delete");
+    delete_makes_the_next_request_run_again(&schema.store_url(None)).await;
+}
+
+fn scoped(key: &str) -> ScopedKey {
+    ScopedKey::new(Scope::anonymous(), Key::new(key).unwrap())
+}
+
+async fn hold_and_finish(store: &dyn Store) {
+    let fp = Fingerprint::builder().part("body", b"{}").finish();
+    let lease = Duration::from_secs(600);
+    assert!(matches!(
+        store.begin(&scoped("held"), &fp, lease).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+    let Begin::Acquired(done) = store.begin(&scoped("done"), &fp, lease).await.unwrap() else {
+        panic!("done is acquired")
+    };
+    store
+        .complete(&scoped("done"), done.token, &Stored::new(201), lease)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn keys_stuck_lists_a_held_key_and_not_a_completed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        hold_and_finish(&store).await;
+    }
+    let url = format!("redb:{}", path.display());
+    let (status, out, err) = run_idem(&["keys", "stuck", "--older-than", "0s", "--store", &url]);
+    assert!(status.success(), "{out}{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let keys: Vec<&str> = view["stuck"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| record["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["held"], "{out}");
+    let (_, out, _) = run_idem(&["keys", "stuck", "--older-than", "1h", "--store", &url]);
+    assert!(
+        out.contains("\"stuck\": []"),
+        "too young to be stuck: {out}"
+    );
+}
+
+#[tokio::test]
+async fn keys_refuses_bad_usage_with_exit_2() {
+    let (status, _, err) = run_idem(&["keys", "get", "k"]);
+    assert_eq!(status.code(), Some(2));
+    assert!(err.contains("--store"), "{err}");
+    let (status, _, err) = run_idem(&["keys", "get", "k", "--store", "memory:"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    let (status, _, err) = run_idem(&["keys", "stuck", "--limit", "0", "--store", "memory:"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+}
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+async fn admin_on(store: Arc<dyn Store>, token: Option<AdminToken>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = routes(store, token, Duration::from_secs(2));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+fn admin_request(method: &str, url: &str, bearer: Option<&str>) -> http::Request<Body> {
+    let mut request = http::Request::builder().method(method).uri(url);
+    if let Some(bearer) = bearer {
+        request = request.header("authorization", format!("Bearer {bearer}"));
+    }
+    request.body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn the_admin_keys_routes_reject_missing_and_wrong_tokens() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    hold_and_finish(&*store).await;
+    let base = admin_on(Arc::clone(&store), Some(AdminToken::new(TOKEN).unwrap())).await;
+    let client = client();
+    let done = format!("{base}/keys/anonymous/done");
+    for (method, url) in [
+        ("GET", done.as_str()),
+        ("DELETE", done.as_str()),
+        ("GET", &format!("{base}/keys/stuck")),
+    ] {
+        for bearer in [None, Some("wrong-token-but-long-enough"), Some("")] {
+            let answer = send(&client, admin_request(method, url, bearer)).await;
+            assert_eq!(answer.status, 401, "{method} {url} with {bearer:?}");
+        }
+    }
+    assert!(
+        store.get(&scoped("done")).await.unwrap().is_some(),
+        "a refused delete changed nothing"
+    );
+
+    let record = send(&client, admin_request("GET", &done, Some(TOKEN))).await;
+    assert_eq!(record.status, 200);
+    let view: serde_json::Value = serde_json::from_slice(&record.body).unwrap();
+    assert_eq!(view["state"], "completed");
+    assert_eq!(view["status"], 201);
+    let stuck = send(
+        &client,
+        admin_request(
+            "GET",
+            &format!("{base}/keys/stuck?older_than=0s&limit=10"),
+            Some(TOKEN),
+        ),
+    )
+    .await;
+    assert_eq!(stuck.status, 200);
+    let view: serde_json::Value = serde_json::from_slice(&stuck.body).unwrap();
+    assert_eq!(view["stuck"][0]["key"], "held", "{view}");
+    let bad = send(
+        &client,
+        admin_request("GET", &format!("{base}/keys/stuck?limit=0"), Some(TOKEN)),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    let deleted = send(&client, admin_request("DELETE", &done, Some(TOKEN))).await;
+    assert_eq!(deleted.status, 200);
+    assert!(store.get(&scoped("done")).await.unwrap().is_none());
+    let gone = send(&client, admin_request("GET", &done, Some(TOKEN))).await;
+    assert_eq!(gone.status, 404);
+}
+
+#[tokio::test]
+async fn without_a_token_the_admin_keys_routes_are_closed() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let base = admin_on(store, None).await;
+    let answer = send(
+        &client(),
+        admin_request("GET", &format!("{base}/keys/stuck"), Some(TOKEN)),
+    )
+    .await;
+    assert_eq!(answer.status, 401);
+}
