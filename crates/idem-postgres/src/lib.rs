@@ -132,8 +132,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use idem_core::{
-    Begin, Fingerprint, Lease, Record, RecordState, ScopedKey, Store, StoreError, Stored, Token,
-    transition,
+    Begin, Fingerprint, InFlightRecord, Key, Lease, Record, RecordState, Scope, ScopedKey, Store,
+    StoreError, Stored, Token, transition,
 };
 use sqlx::postgres::types::PgInterval;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
@@ -655,6 +655,34 @@ impl Store for PostgresStore {
             .await
             .map_err(|e| StoreError::backend("delete", e))?;
         Ok(live.unwrap_or(false))
+    }
+
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<InFlightRecord>, StoreError> {
+        const OPERATION: &str = "list in-flight records";
+        let older_than = interval(OPERATION, older_than)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = sqlx::query(self.sql.in_flight.clone())
+            .bind(older_than)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| StoreError::backend(OPERATION, e))?;
+        rows.iter()
+            .map(|row| {
+                let key = Key::new(column::<&str>(row, "key")?).map_err(StoreError::corrupt)?;
+                let scope = Scope::new(column::<String>(row, "scope")?);
+                Ok(InFlightRecord {
+                    key: ScopedKey::new(scope, key),
+                    token: token_of(column(row, "token")?)?,
+                    claimed_at: time_of(column(row, "claimed_us")?),
+                    lease_expires_at: time_of(column(row, "expires_us")?),
+                })
+            })
+            .collect()
     }
 
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {

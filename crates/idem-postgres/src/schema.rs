@@ -5,7 +5,7 @@ use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
 use crate::ConnectError;
 
 /// The newest schema version this crate creates.
-pub(crate) const SCHEMA_VERSION: i32 = 2;
+pub(crate) const SCHEMA_VERSION: i32 = 3;
 
 /// The table that records, per records table, which schema version it is at. It lives in
 /// the records table's schema (or on the search path when the name is unqualified).
@@ -161,6 +161,14 @@ impl TableName {
                 "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS kept_until timestamptz;\n\
                  COMMENT ON COLUMN {table}.kept_until IS 'in flight: lease end + one lease \
                      length, for the holder''s late complete; NULL: at expires_at';\n"
+            ),
+            // When the current token claimed the key, for listing stuck leases oldest first
+            // (`Store::in_flight`). NULL (rows claimed by version 2 code) is never listed.
+            3 => format!(
+                "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS claimed_at timestamptz;\n\
+                 CREATE INDEX IF NOT EXISTS \"{name}_claimed_at_idx\" ON {table} (claimed_at)\n    \
+                     WHERE state = 'in_flight';\n",
+                name = self.name
             ),
             _ => String::new(),
         }
@@ -341,7 +349,8 @@ mod tests {
         assert!(script.starts_with("BEGIN;\nCREATE SCHEMA IF NOT EXISTS \"ops\";"));
         assert!(script.contains("CREATE TABLE IF NOT EXISTS \"ops\".\"idem_records\""));
         assert!(script.contains("ADD COLUMN IF NOT EXISTS kept_until timestamptz"));
-        assert!(script.contains("VALUES ('idem_records', 2)"));
+        assert!(script.contains("ADD COLUMN IF NOT EXISTS claimed_at timestamptz"));
+        assert!(script.contains("VALUES ('idem_records', 3)"));
         assert!(script.ends_with("COMMIT;\n"));
     }
 }

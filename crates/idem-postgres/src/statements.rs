@@ -23,6 +23,7 @@ pub(crate) struct Statements {
     pub(crate) get: SqlStr,
     pub(crate) delete: SqlStr,
     pub(crate) sweep: SqlStr,
+    pub(crate) in_flight: SqlStr,
 }
 
 impl Statements {
@@ -48,13 +49,14 @@ impl Statements {
             // end, for its holder's late complete.
             begin: sql(format!(
                 "WITH claimed AS (\n\
-                 INSERT INTO {t} AS r (id, scope, key, fingerprint, token, state, expires_at, outcome, kept_until)\n\
+                 INSERT INTO {t} AS r (id, scope, key, fingerprint, token, state, expires_at, outcome, kept_until,\n\
+                 claimed_at)\n\
                  VALUES ($1, $2, $3, $4, nextval('{seq}'), 'in_flight', now() + $5::interval, NULL,\n\
-                 now() + $5::interval * 2)\n\
+                 now() + $5::interval * 2, now())\n\
                  ON CONFLICT (id) DO UPDATE\n\
                  SET fingerprint = excluded.fingerprint, token = nextval('{seq}'),\n\
                  state = 'in_flight', expires_at = excluded.expires_at, outcome = NULL,\n\
-                 kept_until = excluded.kept_until\n\
+                 kept_until = excluded.kept_until, claimed_at = excluded.claimed_at\n\
                  WHERE r.expires_at <= now()\n\
                  RETURNING r.token, r.expires_at\n\
                  )\n\
@@ -124,6 +126,15 @@ impl Statements {
                  SELECT id FROM {t} WHERE expires_at <= now()\n\
                  AND (kept_until IS NULL OR kept_until <= now())\n\
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
+            )),
+            // $1 minimum age, $2 limit. Walks the partial index on claimed_at oldest first;
+            // rows whose lease ended are skipped (the sweeper removes them).
+            in_flight: sql(format!(
+                "SELECT scope, key, token, {claimed} AS claimed_us, {expires} AS expires_us\n\
+                 FROM {t} WHERE state = 'in_flight' AND claimed_at <= now() - $1::interval\n\
+                 AND expires_at > now()\n\
+                 ORDER BY claimed_at LIMIT $2",
+                claimed = micros("claimed_at")
             )),
         }
     }

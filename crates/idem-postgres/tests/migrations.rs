@@ -64,7 +64,7 @@ async fn connecting_twice_migrates_once_and_shares_the_records() {
     );
     assert_eq!(
         versions(&second, &guard.schema).await,
-        [("records".to_owned(), 2)]
+        [("records".to_owned(), 3)]
     );
 }
 
@@ -113,7 +113,7 @@ async fn a_version_1_table_is_upgraded_and_its_records_keep_working() {
         .unwrap();
     assert_eq!(
         versions(&upgraded, &guard.schema).await,
-        [("records".to_owned(), 2)]
+        [("records".to_owned(), 3)]
     );
     match upgraded
         .begin(&key("done"), &fingerprint(), lease)
@@ -163,7 +163,7 @@ async fn gateways_starting_together_do_not_trip_over_each_other() {
     .unwrap();
     assert_eq!(
         versions(&other, &guard.schema).await,
-        [("records".to_owned(), 2), ("records_b".to_owned(), 2)]
+        [("records".to_owned(), 3), ("records_b".to_owned(), 3)]
     );
 }
 
@@ -208,7 +208,7 @@ async fn skipping_migrations_needs_the_table_and_works_with_the_script() {
         .unwrap();
     assert_eq!(
         versions(&migrating, &guard.schema).await,
-        [("records".to_owned(), 2)]
+        [("records".to_owned(), 3)]
     );
     assert!(migrating.get(&key("a")).await.unwrap().is_some());
 }
