@@ -3,6 +3,20 @@
 //! flow, and the layers' counters read when `/metrics` is scraped.
 //!
 //! Every name is listed in the README's Operations section.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use idem_cli::metrics::GatewayMetrics;
+//! use idem_http::IdempotencyStats;
+//!
+//! let metrics = Arc::new(GatewayMetrics::new());
+//! let request = metrics.request();
+//! request.finish(http::StatusCode::CREATED);
+//! let text = metrics.render(&[Arc::new(IdempotencyStats::default())], Some(0));
+//! assert!(text.contains("idem_requests_total{outcome=\"replayed\"} 0"));
+//! assert!(text.contains("idem_request_duration_seconds_count{status=\"2xx\"} 1"));
+//! assert!(text.contains("idem_stuck_leases 0"));
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;

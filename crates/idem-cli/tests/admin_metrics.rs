@@ -185,10 +185,19 @@ async fn idem_serve_logs_one_line_per_keyed_request_without_the_raw_key() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = ServeProcess::start(&upstream, &dir.path().join("idem.redb"), &[]);
     let key = format!("raw-key-that-must-not-be-logged-{}", unique());
+    let credential = format!("Bearer credential-that-must-not-be-logged-{}", unique());
+    let body = format!(r#"{{"card":"body-that-must-not-be-logged-{}"}}"#, unique());
     let http = client();
-    let answer = send(&http, keyed(&gateway.url("/pay"), &key, "{}")).await;
+    let request = || {
+        let mut request = keyed(&gateway.url("/pay"), &key, &body);
+        request
+            .headers_mut()
+            .insert("authorization", credential.parse().unwrap());
+        request
+    };
+    let answer = send(&http, request()).await;
     assert_eq!(answer.status, 201);
-    let replay = send(&http, keyed(&gateway.url("/pay"), &key, "{}")).await;
+    let replay = send(&http, request()).await;
     assert!(replay.is_replay());
 
     let lines = || {
@@ -213,11 +222,13 @@ async fn idem_serve_logs_one_line_per_keyed_request_without_the_raw_key() {
     };
     assert_eq!(digest(&lines[0]), digest(&lines[1]));
     assert!(lines[0].contains("total_ms="), "{}", lines[0]);
-    assert!(
-        !gateway.log().contains(&key),
-        "the raw key is in the log:\n{}",
-        gateway.log()
-    );
+    for secret in [&key, &credential, &body] {
+        assert!(
+            !gateway.log().contains(secret.as_str()),
+            "`{secret}` is in the log:\n{}",
+            gateway.log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
