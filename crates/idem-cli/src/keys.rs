@@ -481,6 +481,20 @@ pub fn routes(store: Arc<dyn Store>, token: Option<AdminToken>, store_timeout: D
         })
 }
 
+/// [`routes`] for an admin listener on `addr`, with the token from the environment or
+/// `token_file` ([`AdminToken::from_env_or_file`]); refuses a non-loopback `addr` without a
+/// token ([`check_exposure`]). What the gateway merges into its admin router.
+pub fn admin_routes(
+    store: Arc<dyn Store>,
+    addr: std::net::SocketAddr,
+    token_file: Option<&Path>,
+    store_timeout: Duration,
+) -> Result<Router, TokenError> {
+    let token = AdminToken::from_env_or_file(token_file)?;
+    check_exposure(addr, token.as_ref())?;
+    Ok(routes(store, token, store_timeout))
+}
+
 fn authorized(state: &KeysState, headers: &HeaderMap) -> Result<(), Response> {
     let presented = headers
         .get(header::AUTHORIZATION)

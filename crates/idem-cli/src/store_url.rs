@@ -245,6 +245,13 @@ impl Store for Swept {
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         self.store.sweep(limit).await
     }
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<idem_core::InFlightRecord>, StoreError> {
+        self.store.in_flight(older_than, limit).await
+    }
     fn fatal_error(&self) -> Option<String> {
         if self.sweeper.is_finished() {
             return Some("the task sweeping expired records has stopped".to_owned());

@@ -218,3 +218,87 @@ async fn without_a_token_the_admin_keys_routes_are_closed() {
     .await;
     assert_eq!(answer.status, 401);
 }
+
+#[tokio::test]
+async fn the_gateway_refuses_a_non_loopback_admin_address_without_a_token() {
+    let output = std::process::Command::new(idem_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "0.0.0.0:0",
+        ])
+        .args(["--upstream", "http://127.0.0.1:9", "--store", "memory:"])
+        .env_remove(idem_cli::keys::ADMIN_TOKEN_ENV)
+        .env_remove(idem_cli::keys::ADMIN_TOKEN_FILE_ENV)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "it started: {stderr}");
+    assert!(stderr.contains("no admin token is set"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The gateway's own admin listener serves `/keys` behind the token from the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_admin_listener_serves_keys_behind_the_token() {
+    use std::io::BufRead;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let mut child = std::process::Command::new(idem_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--upstream", &upstream.url(), "--store", "memory:"])
+        .env_remove(idem_cli::keys::ADMIN_TOKEN_ENV)
+        .env(idem_cli::keys::ADMIN_TOKEN_FILE_ENV, &token_file)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (found, addr) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(&line);
+            if line.contains("admin listener is ready")
+                && let Some(rest) = line.split("admin=").nth(1)
+            {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let _ = found.send(addr);
+            }
+        }
+    });
+    let admin = addr.recv_timeout(PATIENCE).expect("no admin listener line");
+    let stuck = format!("http://{admin}/keys/stuck");
+    let client = client();
+    let refused = send(&client, admin_request("GET", &stuck, None)).await;
+    let wrong = send(
+        &client,
+        admin_request("GET", &stuck, Some("not-the-admin-token")),
+    )
+    .await;
+    let allowed = send(&client, admin_request("GET", &stuck, Some(TOKEN))).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(refused.status, 401);
+    assert_eq!(wrong.status, 401);
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+}
