@@ -78,6 +78,9 @@ const LAYER_COUNTERS: [(&str, &str, Reader); 5] = [
     ),
 ];
 
+/// The status classes request latency is recorded by.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 /// The store operations whose latency is recorded.
 const STORE_OPERATIONS: [&str; 7] = [
     "begin", "complete", "release", "renew", "get", "delete", "sweep",
@@ -88,6 +91,8 @@ pub struct GatewayMetrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     requests_in_flight: Gauge,
+    /// By status class, indexed as [`STATUS_CLASSES`].
+    request_latency: [Histogram; STATUS_CLASSES.len()],
     upstream_latency: Histogram,
     store_latency: [Histogram; STORE_OPERATIONS.len()],
 }
@@ -166,6 +171,16 @@ impl GatewayMetrics {
             &Key::from_static_name("idem_upstream_duration_seconds"),
             &METADATA,
         );
+        // Registered once rather than per request: each lookup would allocate a key.
+        let request_latency = STATUS_CLASSES.map(|class| {
+            recorder.register_histogram(
+                &Key::from_parts(
+                    "idem_request_duration_seconds",
+                    vec![Label::from_static_parts("status", class)],
+                ),
+                &METADATA,
+            )
+        });
         let store_latency = STORE_OPERATIONS.map(|operation| {
             recorder.register_histogram(
                 &Key::from_parts(
@@ -179,6 +194,7 @@ impl GatewayMetrics {
             recorder,
             handle,
             requests_in_flight,
+            request_latency,
             upstream_latency,
             store_latency,
         }
@@ -254,23 +270,8 @@ impl RequestTimer {
     /// Records the request's duration under its response status class (`2xx`, `4xx`, …).
     pub fn finish(self, status: http::StatusCode) -> Duration {
         let took = self.started.elapsed();
-        let class = match status.as_u16() / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
-        };
-        self.metrics
-            .recorder
-            .register_histogram(
-                &Key::from_parts(
-                    "idem_request_duration_seconds",
-                    vec![Label::from_static_parts("status", class)],
-                ),
-                &METADATA,
-            )
-            .record(took.as_secs_f64());
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.metrics.request_latency[class].record(took.as_secs_f64());
         took
     }
 }
