@@ -11,7 +11,6 @@ use common::*;
 use idem_cli::config::Overrides;
 use idem_cli::keys::{AdminToken, routes};
 use idem_core::{Begin, Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store, Stored};
-use idem_redb::RedbStore;
 
 fn overrides(upstream: &Upstream, store: &str) -> Overrides {
     Overrides {
@@ -100,16 +99,13 @@ async fn hold_and_finish(store: &dyn Store) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn keys_stuck_lists_a_held_key_and_not_a_completed_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idem.redb");
+/// `idem keys stuck` on `url` lists the held key and not the completed one.
+async fn stuck_lists_a_held_key_and_not_a_completed_one(url: &str) {
     {
-        let store = RedbStore::open(&path).unwrap();
-        hold_and_finish(&store).await;
+        let store = url.parse::<idem_cli::store_url::StoreUrl>().unwrap();
+        hold_and_finish(&*store.open().await.unwrap()).await;
     }
-    let url = format!("redb:{}", path.display());
-    let (status, out, err) = run_idem(&["keys", "stuck", "--older-than", "0s", "--store", &url]);
+    let (status, out, err) = run_idem(&["keys", "stuck", "--older-than", "0s", "--store", url]);
     assert!(status.success(), "{out}{err}");
     let view: serde_json::Value = serde_json::from_str(&out).unwrap();
     let keys: Vec<&str> = view["stuck"]
@@ -119,11 +115,24 @@ async fn keys_stuck_lists_a_held_key_and_not_a_completed_one() {
         .map(|record| record["key"].as_str().unwrap())
         .collect();
     assert_eq!(keys, ["held"], "{out}");
-    let (_, out, _) = run_idem(&["keys", "stuck", "--older-than", "1h", "--store", &url]);
+    let (_, out, _) = run_idem(&["keys", "stuck", "--older-than", "1h", "--store", url]);
     assert!(
         out.contains("\"stuck\": []"),
         "too young to be stuck: {out}"
     );
+}
+
+#[tokio::test]
+async fn keys_stuck_on_a_redb_file_lists_a_held_key_and_not_a_completed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redb:{}", dir.path().join("idem.redb").display());
+    stuck_lists_a_held_key_and_not_a_completed_one(&url).await;
+}
+
+#[tokio::test]
+async fn keys_stuck_on_postgres_lists_a_held_key_and_not_a_completed_one() {
+    let schema = PostgresSchema::new("keys_stuck");
+    stuck_lists_a_held_key_and_not_a_completed_one(&schema.store_url(None)).await;
 }
 
 #[tokio::test]
