@@ -367,3 +367,35 @@ impl IdempotencyStats {
         self.derived.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_counts_in_its_own_cell() {
+        let stats = IdempotencyStats::default();
+        for (position, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, position, "{outcome:?} is out of order");
+            stats.outcomes[*outcome as usize].fetch_add(1, Ordering::Relaxed);
+            assert_eq!(stats.outcome(*outcome), 1);
+        }
+        let names: std::collections::HashSet<_> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(names.len(), Outcome::ALL.len(), "two outcomes share a name");
+    }
+
+    #[test]
+    fn a_logged_key_is_a_digest_not_the_key() {
+        let key = ScopedKey::new(
+            Scope::new("tenant-secret"),
+            idem_core::Key::new("order-secret").unwrap(),
+        );
+        let label = RequestLabel::new(&Method::POST, Some(key.scope()), Some(&key), false);
+        let shown = format!("{:?} {:?}", label.scope, label.key);
+        assert!(!shown.contains("secret"), "{shown}");
+        assert_eq!(label.key.as_deref().map(str::len), Some(16));
+        assert_eq!(label.key, Some(hashed(&key)));
+        let derived = RequestLabel::new(&Method::POST, None, None, true);
+        assert_eq!(derived.key.as_deref(), Some("derived"));
+    }
+}
