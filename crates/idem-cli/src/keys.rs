@@ -175,10 +175,21 @@ impl ScopeArgs {
         match (&self.scope, &self.credential) {
             (Some(scope), _) => Ok(Scope::new(scope.clone())),
             (None, Some(credential)) => {
+                // As the gateway reads it: a file loses its final line ending, the
+                // environment's value is taken as it is.
                 let secret = match &self.scope_secret_file {
-                    Some(path) => Some(std::fs::read(path).map_err(|error| {
-                        format!("cannot read the scope secret {}: {error}", path.display())
-                    })?),
+                    Some(path) => {
+                        let mut bytes = std::fs::read(path).map_err(|error| {
+                            format!("cannot read the scope secret {}: {error}", path.display())
+                        })?;
+                        if bytes.ends_with(b"\n") {
+                            bytes.pop();
+                            if bytes.ends_with(b"\r") {
+                                bytes.pop();
+                            }
+                        }
+                        Some(bytes)
+                    }
                     None => std::env::var_os(crate::config::SCOPE_SECRET_ENV)
                         .map(|value| value.as_encoded_bytes().to_vec()),
                 };
@@ -190,8 +201,8 @@ impl ScopeArgs {
 }
 
 /// The scope the gateway gives a request carrying `credential` in `header`, computed by the
-/// layer's own code (the default policy's scope sources). A final newline of `secret` is
-/// dropped, as the gateway does.
+/// layer's own code (the default policy's scope sources), hashed with the gateway's scope
+/// `secret` as it holds it.
 ///
 /// ```
 /// use idem_cli::keys::scope_of_credential;
@@ -207,7 +218,6 @@ pub fn scope_of_credential(
     secret: Option<&[u8]>,
 ) -> Result<Scope, String> {
     use idem_http::MakeScope;
-    let secret = secret.map(|s| s.strip_suffix(b"\n").unwrap_or(s));
     let make = idem_http::ScopeFromRequest::new(&idem_http::IdempotencyPolicy::default(), secret)
         .map_err(|error| format!("the default policy is invalid: {error}"))?;
     let parts = http::Request::builder()

@@ -311,3 +311,49 @@ async fn the_gateway_admin_listener_serves_keys_behind_the_token() {
     assert_eq!(wrong.status, 401);
     assert_eq!(allowed.status, 200, "{allowed:?}");
 }
+
+/// `--credential` finds the record the gateway keyed by that caller's credential, with the
+/// gateway's scope secret; without the secret the digest differs and nothing is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_get_by_credential_finds_what_the_gateway_stored() {
+    const SECRET: &str = "a scope secret of many bytes";
+    let upstream = Upstream::start().await;
+    let prefix = RedisPrefix::new("keys-credential");
+    let store = prefix.store_url(None);
+    let config = load_config(
+        "",
+        Overrides {
+            scope_secret: Some(SECRET.as_bytes().to_vec()),
+            ..overrides(&upstream, &store)
+        },
+    );
+    let gateway = TestGateway::start(&config).await;
+    let mut request = keyed(&gateway.url("/payments"), "by-credential", "{}");
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer sk_test_1".parse().unwrap());
+    assert_eq!(send(&client(), request).await.status, 201);
+    gateway.stop().await;
+
+    let get = |secret: Option<&str>| {
+        let mut command = std::process::Command::new(idem_bin());
+        command
+            .args(["keys", "get", "by-credential", "--store", &store])
+            .args(["--credential", "Bearer sk_test_1"])
+            .env_remove(idem_cli::config::SCOPE_SECRET_ENV);
+        if let Some(secret) = secret {
+            command.env(idem_cli::config::SCOPE_SECRET_ENV, secret);
+        }
+        command.output().unwrap()
+    };
+    let found = get(Some(SECRET));
+    let out = String::from_utf8_lossy(&found.stdout);
+    assert!(found.status.success(), "{out}");
+    assert!(out.contains("\"scope\": \"cred"), "{out}");
+    assert!(out.contains("\"state\": \"completed\""), "{out}");
+    assert_eq!(
+        get(None).status.code(),
+        Some(1),
+        "another digest, no record"
+    );
+}
