@@ -505,17 +505,20 @@ pub fn admin_routes(
     Ok(routes(store, token, store_timeout))
 }
 
-fn authorized(state: &KeysState, headers: &HeaderMap) -> Result<(), Response> {
+/// A status and its explanation, turned into a response by [`problem`].
+type Refusal = (StatusCode, String);
+
+fn authorized(state: &KeysState, headers: &HeaderMap) -> Result<(), Refusal> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
     match (&state.token, presented) {
         (Some(token), Some(presented)) if token.accepts(presented) => Ok(()),
-        (None, _) => Err(problem(
+        (None, _) => Err((
             StatusCode::UNAUTHORIZED,
             format!("the /keys routes are off: no admin token is set ({ADMIN_TOKEN_ENV})"),
         )),
-        _ => Err(problem(
+        _ => Err((
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token (Authorization: Bearer …)".into(),
         )),
@@ -554,10 +557,10 @@ async fn within<T>(state: &KeysState, call: impl Future<Output = T>) -> Result<T
         .map_err(|_| ())
 }
 
-fn path_key(scope: String, key: &str) -> Result<ScopedKey, Response> {
+fn path_key(scope: String, key: &str) -> Result<ScopedKey, Refusal> {
     Key::new(key)
         .map(|key| ScopedKey::new(Scope::new(scope), key))
-        .map_err(|error| problem(StatusCode::BAD_REQUEST, format!("invalid key: {error}")))
+        .map_err(|error| (StatusCode::BAD_REQUEST, format!("invalid key: {error}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -572,12 +575,12 @@ async fn get_route(
     UrlPath((scope, key)): UrlPath<(String, String)>,
     Query(query): Query<GetQuery>,
 ) -> Response {
-    if let Err(refused) = authorized(&state, &headers) {
-        return refused;
+    if let Err((status, detail)) = authorized(&state, &headers) {
+        return problem(status, detail);
     }
     let key = match path_key(scope, &key) {
         Ok(key) => key,
-        Err(bad) => return bad,
+        Err((status, detail)) => return problem(status, detail),
     };
     let result = within(&state, get_view(&*state.store, &key, query.body)).await;
     answer(&state, result)
@@ -588,12 +591,12 @@ async fn delete_route(
     headers: HeaderMap,
     UrlPath((scope, key)): UrlPath<(String, String)>,
 ) -> Response {
-    if let Err(refused) = authorized(&state, &headers) {
-        return refused;
+    if let Err((status, detail)) = authorized(&state, &headers) {
+        return problem(status, detail);
     }
     let key = match path_key(scope, &key) {
         Ok(key) => key,
-        Err(bad) => return bad,
+        Err((status, detail)) => return problem(status, detail),
     };
     let result = within(&state, delete_view(&*state.store, &key)).await;
     answer(&state, result)
@@ -610,8 +613,8 @@ async fn stuck_route(
     headers: HeaderMap,
     Query(query): Query<StuckQuery>,
 ) -> Response {
-    if let Err(refused) = authorized(&state, &headers) {
-        return refused;
+    if let Err((status, detail)) = authorized(&state, &headers) {
+        return problem(status, detail);
     }
     let older_than = match query.older_than.as_deref().map(parse_duration) {
         None => Duration::from_secs(30),
