@@ -642,7 +642,12 @@ impl GatewayConfig {
             self.listen,
             self.admin_listen.map_or_else(
                 || "off".to_owned(),
-                |addr| format!("{addr} (/metrics, /healthz, /readyz)")
+                |addr| {
+                    format!(
+                        "{addr} (/metrics, /healthz, /readyz); stuck leases after {:?}",
+                        self.stuck_after
+                    )
+                }
             ),
             self.upstream,
             self.connect_timeout,
