@@ -226,6 +226,29 @@ mod tests {
     }
 
     #[test]
+    fn rows_of_the_second_format_have_no_claim_time_and_no_claim_entry() {
+        let old = RowV2 {
+            scope: "s".into(),
+            key: "k".into(),
+            fingerprint: [7; 32],
+            token: 9,
+            expires_ms: 10_000,
+            outcome: None,
+            kept_ms: 20_000,
+        };
+        let bytes = postcard::to_extend(&old, vec![ROW_FORMAT_V2]).unwrap();
+        let kept = decode(&bytes).unwrap();
+        assert_eq!(kept.record, in_flight(10_000));
+        assert_eq!((kept.kept_ms, kept.claimed_ms), (20_000, 0));
+        assert_eq!(kept.claim_entry(&[1; 32]), None, "not listed as stuck");
+        let claimed = Kept {
+            claimed_ms: 5_000,
+            ..kept
+        };
+        assert!(claimed.claim_entry(&[1; 32]).is_some());
+    }
+
+    #[test]
     fn rows_of_the_first_format_are_read_and_kept_until_their_expiry() {
         let old = RowV1 {
             scope: "s".into(),
