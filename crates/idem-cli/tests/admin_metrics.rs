@@ -4,7 +4,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -291,10 +290,7 @@ async fn log_format_json_writes_one_object_per_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_held_past_stuck_after_shows_as_a_stuck_lease() {
     let upstream = Upstream::start().await;
-    // The store itself, not `memory:`'s sweeping wrapper, which does not pass the listing on.
-    let store: Arc<dyn idem_core::Store> = Arc::new(idem_core::MemoryStore::new());
-    let config = load_config("", upstream_only(&upstream));
-    let gateway = TestGateway::with_store(&config, store).await;
+    let gateway = TestGateway::start(&load_config("", upstream_only(&upstream))).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = listener.local_addr().unwrap();
     let routes = router(
