@@ -68,7 +68,9 @@
 //! the caller's scope, for [`fingerprint_window`](IdempotencyPolicy::fingerprint_window)
 //! (default 10 min). A retry within the window is replayed; so is a second, genuinely
 //! identical operation, which is the limit of the idea. A request with a key of its own
-//! still uses it.
+//! still uses it. Only callers with an identity (a credential among the
+//! [`scope_sources`](IdempotencyPolicy::scope_sources)) get derived keys: anonymous callers
+//! share one scope, so their keyless requests pass through.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -89,8 +91,12 @@
 //!     .route("/orders", post(move || async move { counter.fetch_add(1, Ordering::SeqCst); "placed" }))
 //!     .layer(IdempotencyLayer::with_policy(MemoryStore::new(), policy)?);
 //!
-//! // No Idempotency-Key: the request itself is the key.
-//! let order = || Request::post("/orders").body(Body::from("1 book"));
+//! // No Idempotency-Key: the request itself is the key, within the caller's scope.
+//! let order = || {
+//!     Request::post("/orders")
+//!         .header("authorization", "Bearer shop-42")
+//!         .body(Body::from("1 book"))
+//! };
 //! let first = app.clone().oneshot(order()?).await?;
 //! let retry = app.clone().oneshot(order()?).await?;
 //!
