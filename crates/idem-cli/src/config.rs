@@ -122,6 +122,10 @@ pub struct Overrides {
     pub scope_secret: Option<Vec<u8>>,
     /// `--scope-secret-file`: a file holding the scope secret (a final newline is dropped).
     pub scope_secret_file: Option<PathBuf>,
+    /// The `IDEM_ADMIN_TOKEN` environment variable, as read by the caller.
+    pub admin_token: Option<Vec<u8>>,
+    /// `--admin-token-file`: a file holding the admin token (a final newline is dropped).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// A configuration problem, naming where it is.
@@ -354,6 +358,8 @@ pub struct GatewayConfig {
     pub limits: ServerLimits,
     /// The key of scope digests; `None` leaves them unkeyed (a warning at startup).
     pub scope_secret: Option<ScopeSecret>,
+    /// The bearer token of the admin `/keys` routes; `None` closes them.
+    pub admin_token: Option<crate::keys::AdminToken>,
     /// The policy of requests no route covers.
     pub default_policy: IdempotencyPolicy,
     /// Routes, first match wins.
@@ -404,6 +410,15 @@ impl GatewayConfig {
                 .or(file.admin_listen.as_deref())
                 .unwrap_or(DEFAULT_ADMIN_LISTEN),
         )?;
+        let admin_token = crate::keys::AdminToken::load(
+            overrides.admin_token.as_deref(),
+            overrides.admin_token_file.as_deref(),
+        )
+        .map_err(|e| ConfigError::new("--admin-token-file", e.to_string()))?;
+        if let Some(addr) = admin_listen {
+            crate::keys::check_exposure(addr, admin_token.as_ref())
+                .map_err(|e| ConfigError::new("admin_listen", e.to_string()))?;
+        }
         let upstream_text = overrides
             .upstream
             .clone()
@@ -553,6 +568,7 @@ impl GatewayConfig {
             )?,
             limits,
             scope_secret: scope_secret(overrides)?,
+            admin_token,
             default_policy,
             routes,
         })

@@ -52,9 +52,6 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store_url::StoreUrlError),
-    /// The admin token is unusable, or missing on a non-loopback admin address.
-    #[error(transparent)]
-    AdminToken(#[from] crate::keys::TokenError),
     /// The store reported that it can no longer serve ([`Store::fatal_error`]), so the
     /// gateway stopped rather than answer every keyed request `503`.
     #[error("the store can no longer serve: {reason}")]
@@ -499,12 +496,11 @@ pub async fn serve_with_store(
         let admin_addr = admin_listener.local_addr().unwrap_or(addr);
         let admin = crate::admin::Admin::new(gateway.clone(), config.default_policy.store_timeout)
             .stuck_after(config.stuck_after);
-        let keys = crate::keys::admin_routes(
+        let keys = crate::keys::routes(
             Arc::clone(gateway.store()),
-            addr,
-            None,
+            config.admin_token.clone(),
             config.default_policy.store_timeout,
-        )?;
+        );
         let routes = crate::admin::router(admin).merge(keys);
         tracing::info!(admin = %admin_addr, "admin listener is ready: /metrics, /healthz, /readyz");
         tokio::spawn(async move {

@@ -32,8 +32,6 @@ use crate::store_url::StoreUrl;
 
 /// The environment variable holding the admin token.
 pub const ADMIN_TOKEN_ENV: &str = "IDEM_ADMIN_TOKEN";
-/// The environment variable naming a file that holds the admin token.
-pub const ADMIN_TOKEN_FILE_ENV: &str = "IDEM_ADMIN_TOKEN_FILE";
 /// The shortest admin token accepted, so a trivially guessable one is refused.
 pub const MIN_TOKEN_LEN: usize = 16;
 /// The default and the largest `limit` of a stuck-key listing.
@@ -82,12 +80,15 @@ pub enum TokenError {
     /// The admin listener would be reachable from other hosts with nothing guarding it.
     #[error(
         "the admin listener {addr} is not on a loopback address and no admin token is set \
-         (set {ADMIN_TOKEN_ENV} or {ADMIN_TOKEN_FILE_ENV}, or listen on 127.0.0.1)"
+         (set {ADMIN_TOKEN_ENV} or --admin-token-file, or listen on 127.0.0.1)"
     )]
     ExposedWithoutToken {
         /// The admin address.
         addr: std::net::SocketAddr,
     },
+    /// Given two ways at once.
+    #[error("{ADMIN_TOKEN_ENV} and --admin-token-file are both set; give the token one way only")]
+    Twice,
 }
 
 impl AdminToken {
@@ -104,18 +105,21 @@ impl AdminToken {
         })
     }
 
-    /// The token from [`ADMIN_TOKEN_ENV`], else from the file `file` or the one
-    /// [`ADMIN_TOKEN_FILE_ENV`] names; `None` when none is set.
-    pub fn from_env_or_file(file: Option<&Path>) -> Result<Option<Self>, TokenError> {
-        if let Some(text) = std::env::var_os(ADMIN_TOKEN_ENV) {
-            return Self::new(text.as_encoded_bytes()).map(Some);
+    /// The token from `value` (the [`ADMIN_TOKEN_ENV`] variable, as the caller read it) or
+    /// from the file `file`; `None` when neither is given.
+    pub fn load(value: Option<&[u8]>, file: Option<&Path>) -> Result<Option<Self>, TokenError> {
+        match (value, file) {
+            (Some(_), Some(_)) => Err(TokenError::Twice),
+            (Some(value), None) => Self::new(value).map(Some),
+            (None, Some(path)) => {
+                let text = std::fs::read(path).map_err(|source| TokenError::File {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::new(text).map(Some)
+            }
+            (None, None) => Ok(None),
         }
-        let named = std::env::var_os(ADMIN_TOKEN_FILE_ENV).map(PathBuf::from);
-        let Some(path) = file.map(Path::to_path_buf).or(named) else {
-            return Ok(None);
-        };
-        let text = std::fs::read(&path).map_err(|source| TokenError::File { path, source })?;
-        Self::new(text).map(Some)
     }
 
     /// Whether `presented` is the token.
@@ -489,20 +493,6 @@ pub fn routes(store: Arc<dyn Store>, token: Option<AdminToken>, store_timeout: D
             token,
             store_timeout,
         })
-}
-
-/// [`routes`] for an admin listener on `addr`, with the token from the environment or
-/// `token_file` ([`AdminToken::from_env_or_file`]); refuses a non-loopback `addr` without a
-/// token ([`check_exposure`]). What the gateway merges into its admin router.
-pub fn admin_routes(
-    store: Arc<dyn Store>,
-    addr: std::net::SocketAddr,
-    token_file: Option<&Path>,
-    store_timeout: Duration,
-) -> Result<Router, TokenError> {
-    let token = AdminToken::from_env_or_file(token_file)?;
-    check_exposure(addr, token.as_ref())?;
-    Ok(routes(store, token, store_timeout))
 }
 
 /// A status and its explanation, turned into a response by [`problem`].

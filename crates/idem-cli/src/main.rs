@@ -74,6 +74,10 @@ struct ServeArgs {
     /// is dropped). Instead of the IDEM_SCOPE_SECRET environment variable.
     #[arg(long, value_name = "PATH")]
     scope_secret_file: Option<PathBuf>,
+    /// File holding the bearer token of the admin /keys routes (at least 16 bytes).
+    /// Instead of the IDEM_ADMIN_TOKEN environment variable.
+    #[arg(long, value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
 }
 
 /// `--log-format`'s values.
@@ -153,6 +157,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         on_conflict: args.on_conflict.map(OnConflict::from),
         scope_secret: std::env::var_os(idem_cli::config::SCOPE_SECRET_ENV).map(os_bytes),
         scope_secret_file: args.scope_secret_file,
+        admin_token: std::env::var_os(idem_cli::keys::ADMIN_TOKEN_ENV).map(os_bytes),
+        admin_token_file: args.admin_token_file,
     };
     let config = match GatewayConfig::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,
