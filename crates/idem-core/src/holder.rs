@@ -191,7 +191,7 @@ impl<S: Store + Clone> Holder<S> {
                     break Err(error);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, key = ?self.key, "storing an outcome failed; retrying");
+                    tracing::warn!(%error, key = %self.key.log_id(), "storing an outcome failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_RETRY);
                 }
@@ -241,14 +241,14 @@ async fn renew_until_lost<S: Store>(
             Ok(_) => pause = options.renew_every,
             Err(StoreError::LeaseLost) => {
                 tracing::warn!(
-                    ?key,
+                    key = %key.log_id(),
                     "an idempotency lease was lost while its operation ran"
                 );
                 lost.set();
                 return;
             }
             Err(error) => {
-                tracing::warn!(%error, ?key, "renewing an idempotency lease failed; retrying");
+                tracing::warn!(%error, key = %key.log_id(), "renewing an idempotency lease failed; retrying");
                 pause = (options.renew_every / 4).clamp(Duration::from_millis(1), MAX_RENEW_RETRY);
             }
         }

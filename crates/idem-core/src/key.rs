@@ -273,6 +273,25 @@ impl ScopedKey {
         hasher.update(self.key.0.as_bytes());
         *hasher.finalize().as_bytes()
     }
+
+    /// How logs name the pair: the first 8 bytes of [`digest`](Self::digest) in hex, enough
+    /// to tell requests apart and follow one, without writing a client's key (which may be
+    /// guessable or carry data) or its scope into a log.
+    ///
+    /// ```
+    /// use idem_core::{Key, Scope, ScopedKey};
+    ///
+    /// let key = ScopedKey::new(Scope::new("tenant-a"), Key::new("order-42").unwrap());
+    /// let shown = key.log_id();
+    /// assert_eq!(shown.len(), 16);
+    /// assert!(!shown.contains("order-42"));
+    /// ```
+    pub fn log_id(&self) -> String {
+        self.digest()[..8]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
 }
 
 impl fmt::Debug for ScopedKey {

@@ -188,7 +188,7 @@ impl RequestLabel {
 
 /// A key as logs show it: a short digest of scope and key, never the key itself.
 pub(crate) fn hashed(key: &ScopedKey) -> String {
-    short_hex(&key.digest())
+    key.log_id()
 }
 
 /// The first 8 bytes in hex: enough to tell requests apart in logs.

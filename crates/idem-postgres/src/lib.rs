@@ -555,7 +555,7 @@ impl Store for PostgresStore {
             if let Some(answer) = self.begin_once(&id, key, fingerprint, lease).await? {
                 return Ok(answer);
             }
-            tracing::debug!(?key, attempt, "begin raced a concurrent commit; retrying");
+            tracing::debug!(key = %key.log_id(), attempt, "begin raced a concurrent commit; retrying");
         }
         Err(StoreError::backend("begin", BeginContended))
     }
