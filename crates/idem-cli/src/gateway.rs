@@ -169,17 +169,20 @@ impl Gateway {
             service.map(|service| -> Pin<Box<dyn Future<Output = _> + Send>> {
                 Box::pin(service.clone().oneshot(request))
             });
+        // The gateway's own problems are typed as the default policy's are.
+        let config = Arc::clone(&self.config);
         async move {
+            let problem_type_base = &config.default_policy.problem_type_base;
             let response = match answer {
                 Ok(answer) => match answer.await {
                     Ok(response) => response.map(Body::new),
                     // Only requests the layer passes through untouched come back as errors.
-                    Err(source) => passthrough_failure(source),
+                    Err(source) => passthrough_failure(source, problem_type_base),
                 },
                 Err(source) => {
                     tracing::debug!(error = %source, "ambiguous path refused");
                     IdempotencyError::AmbiguousPath { source }
-                        .to_response()
+                        .to_response(problem_type_base)
                         .map(Body::from)
                 }
             };
@@ -192,16 +195,16 @@ impl Gateway {
 /// The answer to a passed-through request (no key, or an unprotected method) whose
 /// forwarding failed. Only an error that proves nothing was sent says a retry is safe;
 /// any other may have been processed, and says so.
-fn passthrough_failure(source: ProxyError) -> Response<Body> {
+fn passthrough_failure(source: ProxyError, problem_type_base: &str) -> Response<Body> {
     if NotSent::is_in(&*source) {
         tracing::warn!(error = %source, "upstream unreachable");
         return IdempotencyError::UpstreamUnavailable { source }
-            .to_response()
+            .to_response(problem_type_base)
             .map(Body::from);
     }
     tracing::warn!(error = %source, "upstream failed after the request may have reached it");
     let problem = Problem {
-        problem_type: "https://idem.dev/problems/outcome-unknown".to_owned(),
+        problem_type: format!("{problem_type_base}outcome-unknown"),
         title: "Upstream outcome unknown",
         status: 502,
         detail: "the upstream failed after the request may have reached it, so whether it \

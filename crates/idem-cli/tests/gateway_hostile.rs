@@ -105,7 +105,7 @@ fn slug_of(response: &[u8]) -> String {
     problem["type"]
         .as_str()
         .unwrap()
-        .trim_start_matches("https://idem.dev/problems/")
+        .trim_start_matches("tag:idem.invalid,2026:problem:")
         .to_owned()
 }
 

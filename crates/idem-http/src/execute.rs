@@ -114,12 +114,16 @@ where
                 Ok(Err(source)) => {
                     tracing::warn!(error = %source, "upstream unreachable; the key was released");
                     (
-                        problem(&IdempotencyError::UpstreamUnavailable { source }, None),
+                        problem(
+                            &shared.config,
+                            &IdempotencyError::UpstreamUnavailable { source },
+                            None,
+                        ),
                         Outcome::UpstreamUnavailable,
                     )
                 }
                 Err(elapsed) => (
-                    problem(&unknown(Err(elapsed)), None),
+                    problem(&shared.config, &unknown(Err(elapsed)), None),
                     Outcome::UnknownOutcome,
                 ),
             };
@@ -131,7 +135,7 @@ where
             shared.stats.count(Counter::UnknownOutcome);
             tracing::warn!(%error, key = %hashed(holder.key()), "unknown outcome; the key stays held until its lease ends");
             holder.hold();
-            let mut response = problem(&error, None);
+            let mut response = problem(&shared.config, &error, None);
             response.extensions_mut().insert(took);
             return marked(response, Outcome::UnknownOutcome);
         }
@@ -167,7 +171,7 @@ where
             shared.stats.count(Counter::UnknownOutcome);
             tracing::warn!(%error, key = %hashed(holder.key()), "unknown outcome; storing it so that it never runs again");
             outcome = Outcome::UnknownOutcome;
-            let answer = error.to_response();
+            let answer = error.to_response(&shared.config.policy.problem_type_base);
             let stored = Stored::new(answer.status().as_u16())
                 .with_header(CONTENT_TYPE.as_str(), PROBLEM_JSON)
                 .with_body(answer.body().clone());
@@ -238,6 +242,7 @@ async fn read_for_storing<B: Body<Data = Bytes>>(
 
 /// The store failed and the policy says to go on without it.
 pub(crate) async fn forward_unprotected<S, ReqBody, ResBody>(
+    config: &Config,
     job: Job<S>,
 ) -> Response<IdempotencyBody<ResBody>>
 where
@@ -265,7 +270,7 @@ where
             } else {
                 IdempotencyError::OutcomeUnknown { source }
             };
-            problem(&error, None)
+            problem(config, &error, None)
         }
     }
 }

@@ -231,8 +231,8 @@ pub use extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromRequest};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use policy::{
-    IdempotencyPolicy, KeyFrom, OnConflict, PolicyError, RELEASED_ALWAYS, ReplayHeaders,
-    UnknownOutcome,
+    DEFAULT_PROBLEM_TYPE_BASE, IdempotencyPolicy, KeyFrom, OnConflict, PolicyError,
+    RELEASED_ALWAYS, ReplayHeaders, UnknownOutcome,
 };
 pub use problem::{IdempotencyError, PROBLEM_JSON, Problem};
 pub use service::Idempotency;

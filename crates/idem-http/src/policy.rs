@@ -60,6 +60,13 @@ pub struct IdempotencyPolicy {
     pub fingerprint_window: Duration,
     /// The longest key accepted, in characters. Default 255 (the draft's and Stripe's limit).
     pub max_key_len: usize,
+    /// What the `type` URI of every problem answer starts with; the case's slug (e.g.
+    /// `in-flight`) follows. Default [`DEFAULT_PROBLEM_TYPE_BASE`], a `tag:` URI (RFC 4151)
+    /// that names the cases without pointing at a web page anyone could serve; set it to
+    /// your API's documentation (e.g. `https://docs.example.com/errors/`) to link them. At
+    /// most 512 printable ASCII characters, no spaces. Stored problems keep the `type` they
+    /// were stored with.
+    pub problem_type_base: String,
     /// How long a claim holds its key before another request may take it over, should this
     /// process die mid-request. Default 60 s; must be more than zero. While the inner call
     /// runs, the layer renews the lease every third of this.
@@ -212,6 +219,7 @@ impl Default for IdempotencyPolicy {
             key_from: KeyFrom::Header,
             fingerprint_window: Duration::from_secs(10 * 60),
             max_key_len: idem_core::DEFAULT_MAX_KEY_LEN,
+            problem_type_base: DEFAULT_PROBLEM_TYPE_BASE.to_owned(),
             lease: Duration::from_secs(60),
             retention: Duration::from_secs(24 * 60 * 60),
             max_request_body: 1024 * 1024,
@@ -335,6 +343,19 @@ impl IdempotencyPolicy {
         if self.max_key_len == 0 {
             return Err(PolicyError::new("max_key_len", "must be at least 1"));
         }
+        let base = &self.problem_type_base;
+        if base.is_empty()
+            || base.len() > MAX_PROBLEM_TYPE_BASE
+            || !base.bytes().all(|byte| byte.is_ascii_graphic())
+        {
+            return Err(PolicyError::new(
+                "problem_type_base",
+                format!(
+                    "must be 1 to {MAX_PROBLEM_TYPE_BASE} printable ASCII characters without \
+                     spaces (a URI such as https://docs.example.com/errors/), got {base:?}"
+                ),
+            ));
+        }
         for (field, value, at_most) in [
             ("lease", self.lease, MAX_LEASE),
             ("retention", self.retention, MAX_RETENTION),
@@ -454,6 +475,11 @@ fn header_names(field: &'static str, names: &[String]) -> Result<Vec<HeaderName>
 /// Early, `429` Too Many Requests.
 pub const RELEASED_ALWAYS: [u16; 3] = [408, 425, 429];
 
+/// The default start of problem `type` URIs: a `tag:` URI (RFC 4151, which RFC 9457 names
+/// for types that are not meant to be dereferenced) under `idem.invalid`, a name no one can
+/// ever own (RFC 6761), so the URIs cannot collide with anyone else's nor be served by them.
+pub const DEFAULT_PROBLEM_TYPE_BASE: &str = "tag:idem.invalid,2026:problem:";
+const MAX_PROBLEM_TYPE_BASE: usize = 512;
 const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
 const MAX_RETENTION: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 const MAX_WAIT: Duration = Duration::from_secs(10 * 60);

@@ -18,35 +18,43 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// problem `type` URI, its title and its detail, so the mapping from outcome to response
 /// lives here and nowhere else.
 ///
+/// The `type` is a policy's [`problem_type_base`](crate::IdempotencyPolicy::problem_type_base)
+/// (default [`DEFAULT_PROBLEM_TYPE_BASE`](crate::DEFAULT_PROBLEM_TYPE_BASE),
+/// `tag:idem.invalid,2026:problem:`) followed by the slug:
+///
 /// | variant | status | `type` |
 /// |---|---|---|
-/// | [`MissingKey`](Self::MissingKey) | 400 | `https://idem.dev/problems/missing-key` |
-/// | [`MalformedKey`](Self::MalformedKey), [`RepeatedKey`](Self::RepeatedKey) | 400 | `…/malformed-key` |
-/// | [`BodyUnreadable`](Self::BodyUnreadable) | 400 | `…/body-unreadable` |
-/// | [`InFlight`](Self::InFlight) | 409 + `Retry-After` | `…/in-flight` |
-/// | [`ResponseNotKept`](Self::ResponseNotKept) | 409 | `…/response-not-kept` |
-/// | [`BodyTooLarge`](Self::BodyTooLarge) | 413 | `…/body-too-large` |
-/// | [`Mismatch`](Self::Mismatch) | 422 | `…/mismatch` |
-/// | [`UpstreamUnavailable`](Self::UpstreamUnavailable) | 502 | `…/upstream-unavailable` |
-/// | [`OutcomeUnknown`](Self::OutcomeUnknown) | 502, stored | `…/outcome-unknown` |
-/// | [`UpstreamTimeout`](Self::UpstreamTimeout) | 504, stored | `…/upstream-timeout` |
-/// | [`StoreUnavailable`](Self::StoreUnavailable) | 503 + `Retry-After` | `…/store-unavailable` |
-/// | [`Overloaded`](Self::Overloaded) | 503 + `Retry-After` | `…/overloaded` |
-/// | [`BodyTimeout`](Self::BodyTimeout) | 408 | `…/body-timeout` |
-/// | [`AmbiguousPath`](Self::AmbiguousPath) | 400 | `…/ambiguous-path` |
-/// | [`MissingIdentity`](Self::MissingIdentity) | 400 | `…/missing-identity` |
+/// | [`MissingKey`](Self::MissingKey) | 400 | `…missing-key` |
+/// | [`MalformedKey`](Self::MalformedKey), [`RepeatedKey`](Self::RepeatedKey) | 400 | `…malformed-key` |
+/// | [`BodyUnreadable`](Self::BodyUnreadable) | 400 | `…body-unreadable` |
+/// | [`InFlight`](Self::InFlight) | 409 + `Retry-After` | `…in-flight` |
+/// | [`ResponseNotKept`](Self::ResponseNotKept) | 409 | `…response-not-kept` |
+/// | [`BodyTooLarge`](Self::BodyTooLarge) | 413 | `…body-too-large` |
+/// | [`Mismatch`](Self::Mismatch) | 422 | `…mismatch` |
+/// | [`UpstreamUnavailable`](Self::UpstreamUnavailable) | 502 | `…upstream-unavailable` |
+/// | [`OutcomeUnknown`](Self::OutcomeUnknown) | 502, stored | `…outcome-unknown` |
+/// | [`UpstreamTimeout`](Self::UpstreamTimeout) | 504, stored | `…upstream-timeout` |
+/// | [`StoreUnavailable`](Self::StoreUnavailable) | 503 + `Retry-After` | `…store-unavailable` |
+/// | [`Overloaded`](Self::Overloaded) | 503 + `Retry-After` | `…overloaded` |
+/// | [`BodyTimeout`](Self::BodyTimeout) | 408 | `…body-timeout` |
+/// | [`AmbiguousPath`](Self::AmbiguousPath) | 400 | `…ambiguous-path` |
+/// | [`MissingIdentity`](Self::MissingIdentity) | 400 | `…missing-identity` |
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem_http::IdempotencyError;
+/// use idem_http::{DEFAULT_PROBLEM_TYPE_BASE, IdempotencyError};
 ///
 /// let error = IdempotencyError::InFlight { retry_after: Duration::from_millis(1500) };
-/// let response = error.to_response();
+/// let response = error.to_response(DEFAULT_PROBLEM_TYPE_BASE);
 /// assert_eq!(response.status(), 409);
 /// assert_eq!(response.headers()["retry-after"], "2");
 /// assert_eq!(response.headers()["content-type"], "application/problem+json");
 /// let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
-/// assert_eq!(body["type"], "https://idem.dev/problems/in-flight");
+/// assert_eq!(body["type"], "tag:idem.invalid,2026:problem:in-flight");
+/// // With the base a policy sets, e.g. an API's own error documentation:
+/// let response = error.to_response("https://docs.example.com/errors/");
+/// let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+/// assert_eq!(body["type"], "https://docs.example.com/errors/in-flight");
 /// assert_eq!(body["status"], 409);
 /// ```
 #[derive(Debug, thiserror::Error)]
@@ -179,8 +187,6 @@ pub enum IdempotencyError {
 /// The `Retry-After` sent with a `503` for an unavailable store.
 pub(crate) const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-const PROBLEM_BASE: &str = "https://idem.dev/problems/";
-
 impl IdempotencyError {
     /// The HTTP status of the answer.
     pub fn status(&self) -> StatusCode {
@@ -224,9 +230,11 @@ impl IdempotencyError {
         }
     }
 
-    /// The stable problem `type` URI, `https://idem.dev/problems/{slug}`.
-    pub fn problem_type(&self) -> String {
-        format!("{PROBLEM_BASE}{}", self.slug())
+    /// The stable problem `type` URI: `base` (a policy's
+    /// [`problem_type_base`](crate::IdempotencyPolicy::problem_type_base), by default
+    /// [`DEFAULT_PROBLEM_TYPE_BASE`](crate::DEFAULT_PROBLEM_TYPE_BASE)) and the slug.
+    pub fn problem_type(&self, base: &str) -> String {
+        format!("{base}{}", self.slug())
     }
 
     /// The problem's short, fixed title.
@@ -260,10 +268,10 @@ impl IdempotencyError {
         }
     }
 
-    /// The RFC 9457 problem object.
-    pub fn problem(&self) -> Problem {
+    /// The RFC 9457 problem object, its `type` under `base`.
+    pub fn problem(&self, base: &str) -> Problem {
         Problem {
-            problem_type: self.problem_type(),
+            problem_type: self.problem_type(base),
             title: self.title(),
             status: self.status().as_u16(),
             detail: self.to_string(),
@@ -276,9 +284,9 @@ impl IdempotencyError {
 
     /// The whole answer: status, `Content-Type: application/problem+json`, `Retry-After`
     /// where it applies (whole seconds, rounded up, at least 1), and the problem body.
-    pub fn to_response(&self) -> Response<Bytes> {
+    pub fn to_response(&self, base: &str) -> Response<Bytes> {
         // Serializing a struct of strings and integers cannot fail.
-        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let body = serde_json::to_vec(&self.problem(base)).unwrap_or_default();
         let mut response = Response::new(Bytes::from(body));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -291,8 +299,12 @@ impl IdempotencyError {
 
     /// [`to_response`](Self::to_response), plus `Idempotency-Key-Expires` when the key has a
     /// record whose end is known.
-    pub(crate) fn to_response_expiring(&self, expires: Option<SystemTime>) -> Response<Bytes> {
-        let mut response = self.to_response();
+    pub(crate) fn to_response_expiring(
+        &self,
+        base: &str,
+        expires: Option<SystemTime>,
+    ) -> Response<Bytes> {
+        let mut response = self.to_response(base);
         if let Some(at) = expires {
             set_expires(response.headers_mut(), at);
         }
@@ -348,11 +360,14 @@ mod tests {
         let response = IdempotencyError::ResponseNotKept {
             original_status: 201,
         }
-        .to_response();
+        .to_response(crate::DEFAULT_PROBLEM_TYPE_BASE);
         assert_eq!(response.status(), StatusCode::CONFLICT);
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_eq!(body["original_status"], 201);
-        assert_eq!(body["type"], "https://idem.dev/problems/response-not-kept");
+        assert_eq!(
+            body["type"],
+            "tag:idem.invalid,2026:problem:response-not-kept"
+        );
         assert!(
             body["detail"]
                 .as_str()
@@ -367,7 +382,7 @@ mod tests {
             source: StoreError::backend("begin", "connection refused"),
         };
         assert!(std::error::Error::source(&error).is_some());
-        let response = error.to_response();
+        let response = error.to_response(crate::DEFAULT_PROBLEM_TYPE_BASE);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[RETRY_AFTER], "1");
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();

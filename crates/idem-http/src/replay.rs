@@ -16,6 +16,7 @@ use crate::problem::{IdempotencyError, set_expires};
 
 /// The stored response, marked as a replay.
 pub(crate) fn replay<B: Body>(
+    config: &Config,
     stored: &Stored,
     expires_at: SystemTime,
 ) -> Response<IdempotencyBody<B>> {
@@ -23,11 +24,11 @@ pub(crate) fn replay<B: Body>(
         let error = IdempotencyError::ResponseNotKept {
             original_status: stored.status,
         };
-        return problem(&error, Some(expires_at));
+        return problem(config, &error, Some(expires_at));
     };
     let Ok(status) = StatusCode::from_u16(stored.status) else {
         let source = StoreError::corrupt(format!("stored status {} is not HTTP", stored.status));
-        return problem(&IdempotencyError::StoreUnavailable { source }, None);
+        return problem(config, &IdempotencyError::StoreUnavailable { source }, None);
     };
     let mut response = Response::new(IdempotencyBody::full(body.clone()));
     *response.status_mut() = status;
@@ -49,11 +50,12 @@ pub(crate) fn replay<B: Body>(
 }
 
 pub(crate) fn problem<B: Body>(
+    config: &Config,
     error: &IdempotencyError,
     expires: Option<SystemTime>,
 ) -> Response<IdempotencyBody<B>> {
     error
-        .to_response_expiring(expires)
+        .to_response_expiring(&config.policy.problem_type_base, expires)
         .map(IdempotencyBody::full)
 }
 

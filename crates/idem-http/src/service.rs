@@ -229,7 +229,7 @@ where
             }
             (Err(Entry::Refuse(error)), _) => {
                 tracing::debug!(%error, "refused a keyed request");
-                let response = problem(&error, None);
+                let response = problem(&shared.config, &error, None);
                 let outcome = Outcome::of(&error);
                 finish(
                     &shared.stats,
@@ -315,7 +315,7 @@ where
             if matches!(error, IdempotencyError::Overloaded { .. }) {
                 shared.stats.count(Counter::Overloaded);
             }
-            return marked(problem(&error, None), Outcome::of(&error));
+            return marked(problem(&shared.config, &error, None), Outcome::of(&error));
         }
     };
     let fingerprint = request_fingerprint(&shared.config, &parts, &path, &body);
@@ -361,7 +361,10 @@ where
                     let error = IdempotencyError::OutcomeUnknown {
                         source: cancelled.into(),
                     };
-                    return marked(problem(&error, None), Outcome::UnknownOutcome);
+                    return marked(
+                        problem(&shared.config, &error, None),
+                        Outcome::UnknownOutcome,
+                    );
                 }
             },
         };
@@ -377,7 +380,10 @@ where
         ) {
             (AfterRefusal::Replay, Refusal::Completed { stored, expires_at }) => {
                 shared.stats.count(Counter::Replayed);
-                return marked(replay(&stored, expires_at), Outcome::Replayed);
+                return marked(
+                    replay(&shared.config, &stored, expires_at),
+                    Outcome::Replayed,
+                );
             }
             (AfterRefusal::Mismatch, _) => {
                 shared.stats.count(Counter::Mismatch);
@@ -386,7 +392,7 @@ where
                     Err(_) => None,
                 };
                 return marked(
-                    problem(&IdempotencyError::Mismatch, expires),
+                    problem(&shared.config, &IdempotencyError::Mismatch, expires),
                     Outcome::Mismatch,
                 );
             }
@@ -402,7 +408,11 @@ where
                     _ => None,
                 };
                 return marked(
-                    problem(&IdempotencyError::InFlight { retry_after }, lease_end),
+                    problem(
+                        &shared.config,
+                        &IdempotencyError::InFlight { retry_after },
+                        lease_end,
+                    ),
                     Outcome::InFlight,
                 );
             }
@@ -410,7 +420,10 @@ where
                 shared.stats.count(Counter::StoreError);
                 shared.stats.count(Counter::FailOpen);
                 tracing::warn!(error = %source, key = %hashed(&key), "idempotency store failed; forwarding unprotected (fail_open)");
-                return marked(forward_unprotected(job).await, Outcome::FailOpen);
+                return marked(
+                    forward_unprotected(&shared.config, job).await,
+                    Outcome::FailOpen,
+                );
             }
             (_, refusal) => {
                 let source = match refusal {
@@ -420,7 +433,11 @@ where
                 shared.stats.count(Counter::StoreError);
                 tracing::warn!(error = %source, key = %hashed(&key), "idempotency store failed; answering 503");
                 return marked(
-                    problem(&IdempotencyError::StoreUnavailable { source }, None),
+                    problem(
+                        &shared.config,
+                        &IdempotencyError::StoreUnavailable { source },
+                        None,
+                    ),
                     Outcome::StoreUnavailable,
                 );
             }

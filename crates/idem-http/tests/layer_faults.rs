@@ -129,9 +129,7 @@ impl Answer {
         problem["type"]
             .as_str()
             .unwrap_or_default()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
+            .trim_start_matches(idem_http::DEFAULT_PROBLEM_TYPE_BASE)
             .to_owned()
     }
 

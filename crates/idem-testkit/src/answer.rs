@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 ///     .header("content-type", "application/problem+json")
 ///     .header("retry-after", "2")
 ///     .body(http_body_util::Full::new(bytes::Bytes::from(
-///         r#"{"type":"https://idem.dev/problems/in-flight","status":409,"title":"t","detail":"d"}"#,
+///         r#"{"type":"tag:idem.invalid,2026:problem:in-flight","status":409,"title":"t","detail":"d"}"#,
 ///     )))
 ///     .unwrap();
 /// let answer = Answer::read(response).await;
@@ -76,7 +76,7 @@ impl Answer {
         let problem = self.json();
         assert_eq!(
             problem["type"],
-            format!("https://idem.dev/problems/{slug}"),
+            format!("tag:idem.invalid,2026:problem:{slug}"),
             "{problem}"
         );
         assert_eq!(problem["status"], status, "{problem}");
@@ -89,7 +89,7 @@ impl Answer {
     pub fn is_problem(&self, slug: &str) -> bool {
         self.header("content-type") == Some("application/problem+json")
             && serde_json::from_slice::<serde_json::Value>(&self.body)
-                .is_ok_and(|p| p["type"] == format!("https://idem.dev/problems/{slug}"))
+                .is_ok_and(|p| p["type"] == format!("tag:idem.invalid,2026:problem:{slug}"))
     }
 
     /// `Retry-After`, as whole seconds; panics when absent.
