@@ -231,7 +231,7 @@ pub fn scope_of_credential(
         .into_parts()
         .0;
     let scope = make.make_scope(&parts);
-    if scope == Scope::anonymous() {
+    if scope.is_anonymous() {
         return Err(format!(
             "the gateway does not read a scope from the {header} header by default"
         ));

@@ -166,6 +166,8 @@ impl fmt::Display for Key {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope(Box<str>);
 
+const ANONYMOUS: &str = "anonymous";
+
 impl Scope {
     /// A scope with a name you choose (a tenant id, a consumer group, a queue name).
     pub fn new(name: impl Into<String>) -> Self {
@@ -174,7 +176,19 @@ impl Scope {
 
     /// The scope of callers that present no identity.
     pub fn anonymous() -> Self {
-        Self::new("anonymous")
+        Self::new(ANONYMOUS)
+    }
+
+    /// Whether this is [`anonymous`](Self::anonymous), without building one to compare.
+    ///
+    /// ```
+    /// use idem_core::Scope;
+    ///
+    /// assert!(Scope::anonymous().is_anonymous());
+    /// assert!(!Scope::new("tenant-a").is_anonymous());
+    /// ```
+    pub fn is_anonymous(&self) -> bool {
+        &*self.0 == ANONYMOUS
     }
 
     /// A scope derived from a credential (an `Authorization` value, an API key): its BLAKE3

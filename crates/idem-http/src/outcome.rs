@@ -55,7 +55,7 @@ pub(crate) fn on_arrival(config: &Config, arrival: Arrival<'_>) -> Entry {
         }
         Err(error) => return Entry::Refuse(error),
     };
-    let anonymous = arrival.scope.is_none_or(|s| *s == Scope::anonymous());
+    let anonymous = arrival.scope.is_none_or(Scope::is_anonymous);
     if config.policy.scope_required && anonymous {
         return Entry::Refuse(IdempotencyError::MissingIdentity);
     }
