@@ -191,6 +191,21 @@ impl Scope {
         &*self.0 == ANONYMOUS
     }
 
+    /// How logs name the scope: the first 8 bytes of its BLAKE3 hash in hex, so a log shows
+    /// which requests share a caller without the scope (a credential's digest) itself.
+    ///
+    /// ```
+    /// use idem_core::Scope;
+    ///
+    /// let scope = Scope::new("tenant-a");
+    /// assert_eq!(scope.log_id().len(), 16);
+    /// assert_eq!(scope.log_id(), Scope::new("tenant-a").log_id());
+    /// assert_ne!(scope.log_id(), Scope::new("tenant-b").log_id());
+    /// ```
+    pub fn log_id(&self) -> String {
+        short_hex(blake3::hash(self.0.as_bytes()).as_bytes())
+    }
+
     /// A scope derived from a credential (an `Authorization` value, an API key): its BLAKE3
     /// hash, so that the stored scope does not reveal the credential.
     pub fn from_secret(secret: &[u8]) -> Self {
@@ -301,11 +316,16 @@ impl ScopedKey {
     /// assert!(!shown.contains("order-42"));
     /// ```
     pub fn log_id(&self) -> String {
-        self.digest()[..8]
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect()
+        short_hex(&self.digest())
     }
+}
+
+/// The first 8 bytes of a digest in hex: enough to tell requests apart in logs.
+fn short_hex(digest: &[u8]) -> String {
+    digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 impl fmt::Debug for ScopedKey {

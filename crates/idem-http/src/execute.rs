@@ -19,7 +19,7 @@ use crate::policy::Config;
 use crate::problem::{IdempotencyError, PROBLEM_JSON, set_expires};
 use crate::replay::{kept_headers, problem};
 use crate::service::Shared;
-use crate::stats::{Counter, Outcome, UpstreamTook, hashed, marked};
+use crate::stats::{Counter, Outcome, UpstreamTook, marked};
 
 /// A keyed request, with its body read, ready to go to the inner service.
 pub(crate) struct Job<S> {
@@ -133,7 +133,7 @@ where
         (AfterRun::Hold, answer) => {
             let error = unknown(answer);
             shared.stats.count(Counter::UnknownOutcome);
-            tracing::warn!(%error, key = %hashed(holder.key()), "unknown outcome; the key stays held until its lease ends");
+            tracing::warn!(%error, key = %holder.key().log_id(), "unknown outcome; the key stays held until its lease ends");
             holder.hold();
             let mut response = problem(&shared.config, &error, None);
             response.extensions_mut().insert(took);
@@ -157,7 +157,7 @@ where
                     )
                 }
                 Read::Failed(parts, prefix, error) => {
-                    tracing::warn!(key = %hashed(holder.key()), "inner response body failed; keeping its status only");
+                    tracing::warn!(key = %holder.key().log_id(), "inner response body failed; keeping its status only");
                     let stored = to_stored(&shared.config, &parts, None);
                     (
                         Response::from_parts(parts, IdempotencyBody::failed(prefix, error)),
@@ -169,7 +169,7 @@ where
         (AfterRun::Store, answer) => {
             let error = unknown(answer);
             shared.stats.count(Counter::UnknownOutcome);
-            tracing::warn!(%error, key = %hashed(holder.key()), "unknown outcome; storing it so that it never runs again");
+            tracing::warn!(%error, key = %holder.key().log_id(), "unknown outcome; storing it so that it never runs again");
             outcome = Outcome::UnknownOutcome;
             let answer = error.to_response(&shared.config.policy.problem_type_base);
             let stored = Stored::new(answer.status().as_u16())
@@ -186,13 +186,13 @@ where
             // Another claim took the key over after this lease ended: that request may
             // run the operation again; the forwarded key is the upstream's second line.
             shared.stats.count(Counter::LeaseLost);
-            tracing::error!(key = %hashed(&key), "lease lost before the response could be stored");
+            tracing::error!(key = %key.log_id(), "lease lost before the response could be stored");
         }
         Err(error) => {
             // Never released: the key stays held until its lease ends.
             shared.stats.count(Counter::StoreError);
             shared.stats.count(Counter::NotStored);
-            tracing::error!(%error, key = %hashed(&key), "could not store a completed response; the key stays held until its lease ends");
+            tracing::error!(%error, key = %key.log_id(), "could not store a completed response; the key stays held until its lease ends");
         }
     }
     marked(response, outcome)

@@ -30,7 +30,7 @@ use crate::problem::IdempotencyError;
 use crate::replay::{problem, replay};
 use crate::request::{protect_relied_on_headers, read_body};
 use crate::stats::{
-    Counter, IdempotencyStats, Outcome, RequestLabel, UpstreamTook, finish, hashed, marked,
+    Counter, IdempotencyStats, Outcome, RequestLabel, UpstreamTook, finish, marked,
 };
 
 /// First and longest pause between polls of the store while waiting for a request in flight.
@@ -419,7 +419,7 @@ where
             (AfterRefusal::ForwardUnprotected, Refusal::StoreFailed(source)) => {
                 shared.stats.count(Counter::StoreError);
                 shared.stats.count(Counter::FailOpen);
-                tracing::warn!(error = %source, key = %hashed(&key), "idempotency store failed; forwarding unprotected (fail_open)");
+                tracing::warn!(error = %source, key = %key.log_id(), "idempotency store failed; forwarding unprotected (fail_open)");
                 return marked(
                     forward_unprotected(&shared.config, job).await,
                     Outcome::FailOpen,
@@ -431,7 +431,7 @@ where
                     _ => StoreError::corrupt("the store's answer does not fit the claim"),
                 };
                 shared.stats.count(Counter::StoreError);
-                tracing::warn!(error = %source, key = %hashed(&key), "idempotency store failed; answering 503");
+                tracing::warn!(error = %source, key = %key.log_id(), "idempotency store failed; answering 503");
                 return marked(
                     problem(
                         &shared.config,

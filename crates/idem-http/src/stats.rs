@@ -174,29 +174,16 @@ impl RequestLabel {
         derived: bool,
     ) -> Self {
         let key = match key {
-            Some(key) => Some(hashed(key)),
+            Some(key) => Some(key.log_id()),
             None if derived => Some("derived".to_owned()),
             None => None,
         };
         Self {
             method: method.clone(),
-            scope: scope.map(|scope| short_hex(blake3::hash(scope.as_str().as_bytes()).as_bytes())),
+            scope: scope.map(Scope::log_id),
             key,
         }
     }
-}
-
-/// A key as logs show it: a short digest of scope and key, never the key itself.
-pub(crate) fn hashed(key: &ScopedKey) -> String {
-    key.log_id()
-}
-
-/// The first 8 bytes in hex: enough to tell requests apart in logs.
-fn short_hex(digest: &[u8]) -> String {
-    digest[..8]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
 }
 
 /// Counts a handled request's outcome and logs its one line.
@@ -394,7 +381,7 @@ mod tests {
         let shown = format!("{:?} {:?}", label.scope, label.key);
         assert!(!shown.contains("secret"), "{shown}");
         assert_eq!(label.key.as_deref().map(str::len), Some(16));
-        assert_eq!(label.key, Some(hashed(&key)));
+        assert_eq!(label.key, Some(key.log_id()));
         let derived = RequestLabel::new(&Method::POST, None, None, true);
         assert_eq!(derived.key.as_deref(), Some("derived"));
     }
