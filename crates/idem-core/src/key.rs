@@ -113,6 +113,19 @@ impl Key {
         Ok(Self(text.into()))
     }
 
+    /// A key as a store kept it: checked like [`Key::new`] but of any length, since the
+    /// policy that admitted it may allow more than the default (`max_key_len`).
+    ///
+    /// ```
+    /// use idem_core::Key;
+    ///
+    /// assert!(Key::from_stored(&"k".repeat(300)).is_ok());
+    /// assert!(Key::from_stored("tab\there").is_err());
+    /// ```
+    pub fn from_stored(text: &str) -> Result<Self, KeyError> {
+        Self::new_with_max_len(text, usize::MAX)
+    }
+
     fn check(bytes: &[u8], max_len: usize) -> Result<(), KeyError> {
         if bytes.is_empty() {
             return Err(KeyError::Empty);

@@ -673,7 +673,8 @@ impl Store for PostgresStore {
             .map_err(|e| StoreError::backend(OPERATION, e))?;
         rows.iter()
             .map(|row| {
-                let key = Key::new(column::<&str>(row, "key")?).map_err(StoreError::corrupt)?;
+                let key =
+                    Key::from_stored(column::<&str>(row, "key")?).map_err(StoreError::corrupt)?;
                 let scope = Scope::new(column::<String>(row, "scope")?);
                 Ok(InFlightRecord {
                     key: ScopedKey::new(scope, key),

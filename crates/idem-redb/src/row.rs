@@ -173,7 +173,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Kept, StoreError> {
             },
         },
     };
-    let key = idem_core::Key::new(&row.key)
+    let key = idem_core::Key::from_stored(&row.key)
         .ok()
         .map(|key| ScopedKey::new(idem_core::Scope::new(row.scope), key));
     Ok(Kept {

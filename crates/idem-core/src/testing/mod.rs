@@ -874,6 +874,19 @@ pub async fn in_flight_lists_old_claims<S: Store>(subject: Subject<S>) {
     assert!(store.in_flight(unit * 30, 10).await.unwrap().is_empty());
     let all = store.in_flight(Duration::ZERO, 10).await.unwrap();
     assert_eq!(all.len(), 3, "the fresh claim counts with no minimum age");
+
+    // A policy may allow keys longer than the default 255: the store reads them back.
+    let long = ScopedKey::new(
+        Scope::new("conformance"),
+        Key::new_with_max_len(&"k".repeat(300), 300).unwrap(),
+    );
+    acquire(&**store, &long, &fp, unit * 40).await;
+    subject.time.advance(unit * 2).await;
+    let listed = store.in_flight(unit, 10).await.unwrap();
+    assert!(
+        listed.iter().any(|record| record.key == long),
+        "a 300-character key is listed: {listed:?}"
+    );
 }
 
 /// Runs every case of the conformance suite as its own `#[tokio::test]`, each on a fresh
