@@ -91,7 +91,7 @@ impl Admin {
         );
         match tokio::time::timeout(self.ready_timeout, self.store().get(&probe)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(format!("the store failed: {}", chain(&error))),
+            Ok(Err(error)) => Err(format!("the store failed: {}", crate::error_chain(&error))),
             Err(_) => Err(format!(
                 "the store did not answer within {:?}",
                 self.ready_timeout
@@ -151,16 +151,4 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
-}
-
-/// An error and its causes.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

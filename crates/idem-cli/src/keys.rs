@@ -321,7 +321,9 @@ pub fn main(args: &KeysArgs) -> ExitCode {
     runtime.block_on(async {
         let store = match url.open().await {
             Ok(store) => store,
-            Err(error) => return fail(format!("cannot open {url}: {}", chain(&error))),
+            Err(error) => {
+                return fail(format!("cannot open {url}: {}", crate::error_chain(&error)));
+            }
         };
         let answer = match &args.command {
             KeysCommand::Get { key, scope, body } => match scoped(key, scope) {
@@ -348,7 +350,7 @@ pub fn main(args: &KeysArgs) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
-            Err(error) => fail(format!("the store failed: {}", chain(&error))),
+            Err(error) => fail(format!("the store failed: {}", crate::error_chain(&error))),
         }
     })
 }
@@ -462,17 +464,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[derive(Clone)]
 struct KeysState {
     store: Arc<dyn Store>,
@@ -532,7 +523,7 @@ fn answer(state: &KeysState, result: Result<Result<(bool, Value), StoreError>, (
         Ok(Ok((false, view))) => (StatusCode::NOT_FOUND, axum::Json(view)).into_response(),
         Ok(Err(error)) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("the store failed: {}", chain(&error)),
+            format!("the store failed: {}", crate::error_chain(&error)),
         ),
         Err(()) => problem(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -13,3 +13,21 @@ pub mod metrics;
 pub mod proxy;
 pub mod store_url;
 pub mod tls;
+
+/// An error and each of its sources, joined by `: `, for a message a person reads
+/// (`cannot open the store: connection refused`).
+///
+/// ```
+/// let error = std::io::Error::other("connection refused");
+/// assert_eq!(idem_cli::error_chain(&error), "connection refused");
+/// ```
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -141,7 +141,7 @@ fn demo(args: &idem_cli::demo::DemoArgs) -> ExitCode {
             ExitCode::from(2)
         }
         Err(error) => {
-            eprintln!("error: {}", chain(&error));
+            eprintln!("error: {}", idem_cli::error_chain(&error));
             ExitCode::FAILURE
         }
     }
@@ -190,7 +190,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         // Includes a store that stopped serving while the gateway ran: exit non-zero so that
         // a supervisor restarts it, rather than limp on answering 503.
         Err(error) => {
-            eprintln!("error: {}", chain(&error));
+            eprintln!("error: {}", idem_cli::error_chain(&error));
             ExitCode::FAILURE
         }
     }
@@ -219,16 +219,4 @@ fn init_tracing(format: LogFormat) {
         // Flattened, so a log pipeline finds `outcome`, `key`, … at the top of each object.
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
-}
-
-/// An error and its causes, one after another.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
