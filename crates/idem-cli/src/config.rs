@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use http::Method;
 use idem_http::path::{PathError, normalize_path};
-use idem_http::{IdempotencyPolicy, KeyFrom, OnConflict};
+use idem_http::{IdempotencyPolicy, KeyFrom, OnConflict, ValidPolicy};
 use serde::Deserialize;
 
 use crate::proxy::Upstream;
@@ -213,7 +213,7 @@ pub struct Route {
     /// Methods covered, upper case; empty means any.
     pub methods: Vec<Method>,
     /// Its policy.
-    pub policy: IdempotencyPolicy,
+    pub policy: ValidPolicy,
 }
 
 impl Route {
@@ -255,8 +255,8 @@ pub fn protects(policy: &IdempotencyPolicy, method: &Method) -> bool {
         .any(|own| own.eq_ignore_ascii_case(method.as_str()))
 }
 
-/// Where a request goes: the one routing decision, used by the gateway and by
-/// [`GatewayConfig::policy_for`].
+/// Where a request goes: the one routing decision ([`GatewayConfig::route`]), the
+/// gateway's and its tests'.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Routing {
     /// The route at this index of [`GatewayConfig::routes`] covers it.
@@ -361,7 +361,7 @@ pub struct GatewayConfig {
     /// The bearer token of the admin `/keys` routes; `None` closes them.
     pub admin_token: Option<crate::keys::AdminToken>,
     /// The policy of requests no route covers.
-    pub default_policy: IdempotencyPolicy,
+    pub default_policy: ValidPolicy,
     /// Routes, first match wins.
     pub routes: Vec<Route>,
 }
@@ -603,7 +603,7 @@ impl GatewayConfig {
     /// let post = Method::from_bytes(b"post").unwrap();
     /// assert_eq!(config.route(&post, "/pay/1"), Routing::Route(0));
     /// assert_eq!(config.route(&Method::POST, "/other"), Routing::Default);
-    /// assert!(config.policy_for(&Method::POST, "/pay").unwrap().key_required);
+    /// assert!(config.routes[0].policy.key_required);
     /// ```
     pub fn route(&self, method: &Method, raw_path: &str) -> Routing {
         match normalize_path(raw_path) {
@@ -625,20 +625,6 @@ impl GatewayConfig {
                 .routes
                 .iter()
                 .any(|route| route.admits(method) && protects(&route.policy, method))
-    }
-
-    /// The policy for a request (see [`route`](Self::route)); the path's error when it is
-    /// ambiguous on a protected method.
-    pub fn policy_for(
-        &self,
-        method: &Method,
-        raw_path: &str,
-    ) -> Result<&IdempotencyPolicy, PathError> {
-        match self.route(method, raw_path) {
-            Routing::Route(index) => Ok(&self.routes[index].policy),
-            Routing::Default => Ok(&self.default_policy),
-            Routing::Ambiguous(error) => Err(error),
-        }
     }
 
     /// What `--check` prints: what the gateway would do.
@@ -847,7 +833,7 @@ fn scope_secret(overrides: &Overrides) -> Result<Option<ScopeSecret>, ConfigErro
     Ok(Some(ScopeSecret { bytes, from }))
 }
 
-fn policy_from(table: toml::Table, at: &str) -> Result<IdempotencyPolicy, ConfigError> {
+fn policy_from(table: toml::Table, at: &str) -> Result<ValidPolicy, ConfigError> {
     let policy: IdempotencyPolicy = table.clone().try_into().map_err(|e: toml::de::Error| {
         // The error does not say which key is at fault: find the one that fails on its own.
         let field = table
@@ -860,9 +846,8 @@ fn policy_from(table: toml::Table, at: &str) -> Result<IdempotencyPolicy, Config
         ConfigError::new(field, e.message())
     })?;
     policy
-        .validate()
-        .map_err(|e| ConfigError::new(format!("{at}.{}", e.field()), e.reason()))?;
-    Ok(policy)
+        .validated()
+        .map_err(|e| ConfigError::new(format!("{at}.{}", e.field()), e.reason()))
 }
 
 fn describe_policy(policy: &IdempotencyPolicy) -> String {

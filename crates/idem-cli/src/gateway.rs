@@ -37,9 +37,6 @@ const STORE_WATCH_EVERY: Duration = Duration::from_secs(1);
 /// Why the gateway could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// A route's policy was refused by the layer.
-    #[error("invalid policy")]
-    Policy(#[from] idem_http::PolicyError),
     /// The listen address (or the admin listener's) could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -83,7 +80,7 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Builds the services for `config` around one shared store. Every route's layer shares
     /// one [`BodyBudget`] of `max_buffered_bodies` and the scope secret, if any.
-    pub fn new(config: &GatewayConfig, store: Arc<dyn Store>) -> Result<Self, ServeError> {
+    pub fn new(config: &GatewayConfig, store: Arc<dyn Store>) -> Self {
         let metrics = Arc::new(GatewayMetrics::new());
         let proxy = TimedProxy::new(
             Proxy::new(config.upstream.clone(), config.connect_timeout),
@@ -92,26 +89,26 @@ impl Gateway {
         let timed: Arc<dyn Store> =
             Arc::new(TimedStore::new(Arc::clone(&store), Arc::clone(&metrics)));
         let budget = BodyBudget::new(config.limits.max_buffered_bodies, config.limits.buffer_wait);
-        let protect = |policy: &idem_http::IdempotencyPolicy| -> Result<Protected, ServeError> {
-            let mut layer = IdempotencyLayer::with_policy(Arc::clone(&timed), policy.clone())?
+        let protect = |policy: &idem_http::ValidPolicy| -> Protected {
+            let mut layer = IdempotencyLayer::validated(Arc::clone(&timed), policy.clone())
                 .body_budget(budget.clone());
             if let Some(secret) = &config.scope_secret {
                 layer = layer.scope_secret(secret.bytes());
             }
-            Ok(layer.layer(proxy.clone()))
+            layer.layer(proxy.clone())
         };
-        let routes = config
+        let routes: Vec<_> = config
             .routes
             .iter()
             .map(|route| protect(&route.policy))
-            .collect::<Result<Vec<_>, ServeError>>()?;
-        Ok(Self {
+            .collect();
+        Self {
             config: Arc::new(config.clone()),
             routes: routes.into(),
-            default: protect(&config.default_policy)?,
+            default: protect(&config.default_policy),
             store,
             metrics,
-        })
+        }
     }
 
     /// The store it serves from, as opened (its calls are not timed into the metrics).
@@ -154,7 +151,7 @@ impl Gateway {
         client: SocketAddr,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         // The one routing decision (normalised path, methods in any case) lives in the
-        // configuration, so `policy_for` and serving cannot disagree.
+        // configuration, so the gateway's tests and serving cannot disagree.
         let service = match self.config.route(request.method(), request.uri().path()) {
             Routing::Route(index) => Ok(&self.routes[index]),
             Routing::Default => Ok(&self.default),
@@ -482,7 +479,7 @@ pub async fn serve_with_store(
     store: Arc<dyn Store>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let gateway = Gateway::new(&config, store)?;
+    let gateway = Gateway::new(&config, store);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind {

@@ -570,7 +570,7 @@ async fn a_store_with_a_fatal_error_stops_the_gateway_with_an_error() {
     let upstream = Upstream::start().await;
     let config = load_config("", upstream_only(&upstream));
     let store = Arc::new(DyingStore::new(MemoryStore::new()));
-    let gateway = Gateway::new(&config, Arc::clone(&store) as Arc<dyn Store>).unwrap();
+    let gateway = Gateway::new(&config, Arc::clone(&store) as Arc<dyn Store>);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let serving = tokio::spawn(serve_until(

@@ -8,7 +8,7 @@ use tower::Layer;
 
 use crate::budget::BodyBudget;
 use crate::extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromRequest};
-use crate::policy::{Config, IdempotencyPolicy, PolicyError};
+use crate::policy::{Config, IdempotencyPolicy, PolicyError, ValidPolicy};
 use crate::service::{Idempotency, Shared};
 use crate::stats::IdempotencyStats;
 
@@ -47,20 +47,21 @@ pub struct IdempotencyLayer<St> {
 impl<St: Store> IdempotencyLayer<St> {
     /// A layer with the default [`IdempotencyPolicy`].
     pub fn new(store: St) -> Self {
-        Self::from_config(
-            Arc::new(store),
-            IdempotencyPolicy::default()
-                .compile()
-                .expect("the default policy is valid"),
-        )
+        Self::validated(store, ValidPolicy::default())
     }
 
     /// A layer with `policy`, once it [validates](IdempotencyPolicy::validate).
     pub fn with_policy(store: St, policy: IdempotencyPolicy) -> Result<Self, PolicyError> {
-        Ok(Self::from_config(Arc::new(store), policy.compile()?))
+        Ok(Self::validated(store, policy.validated()?))
     }
 
-    fn from_config(store: Arc<St>, config: Config) -> Self {
+    /// A layer with a policy validated beforehand (by a configuration loader, say), which
+    /// is not checked again.
+    pub fn validated(store: St, policy: ValidPolicy) -> Self {
+        Self::from_config(Arc::new(store), Arc::clone(policy.config()))
+    }
+
+    fn from_config(store: Arc<St>, config: Arc<Config>) -> Self {
         let extract_key = Arc::new(KeyFromHeader::new(
             config.header.clone(),
             config.policy.max_key_len,
@@ -69,7 +70,7 @@ impl<St: Store> IdempotencyLayer<St> {
             store,
             make_scope: Arc::new(ScopeFromRequest::from_config(&config, None)),
             custom_scope: false,
-            config: Arc::new(config),
+            config,
             extract_key,
             stats: Arc::default(),
             budget: BodyBudget::default(),

@@ -232,7 +232,7 @@ pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use policy::{
     DEFAULT_PROBLEM_TYPE_BASE, IdempotencyPolicy, KeyFrom, OnConflict, PolicyError,
-    RELEASED_ALWAYS, ReplayHeaders, UnknownOutcome,
+    RELEASED_ALWAYS, ReplayHeaders, UnknownOutcome, ValidPolicy,
 };
 pub use problem::{IdempotencyError, PROBLEM_JSON, Problem};
 pub use service::Idempotency;

@@ -1,5 +1,7 @@
 //! What the layer does, as configuration: [`IdempotencyPolicy`].
 
+use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
@@ -320,6 +322,15 @@ impl IdempotencyPolicy {
         self.compile().map(drop)
     }
 
+    /// Checks every field once and keeps the result, so that whoever holds the
+    /// [`ValidPolicy`] (a configuration loader, then [`IdempotencyLayer::validated`]) never
+    /// checks it again; the error names the first field at fault.
+    ///
+    /// [`IdempotencyLayer::validated`]: crate::IdempotencyLayer::validated
+    pub fn validated(self) -> Result<ValidPolicy, PolicyError> {
+        self.compile().map(|config| ValidPolicy(Arc::new(config)))
+    }
+
     pub(crate) fn compile(&self) -> Result<Config, PolicyError> {
         let header = header_name("header", &self.header)?;
         let mut methods = Vec::with_capacity(self.methods.len());
@@ -487,6 +498,65 @@ const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const MAX_COMPLETE_FOR: Duration = Duration::from_secs(10 * 60);
 const MAX_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+/// An [`IdempotencyPolicy`] known to be valid, with its header names, methods and JSON
+/// pointers parsed once: made by [`IdempotencyPolicy::validated`], taken by
+/// [`IdempotencyLayer::validated`](crate::IdempotencyLayer::validated). It reads as the
+/// policy it was made from, and is cheap to clone.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_core::MemoryStore;
+/// use idem_http::{IdempotencyLayer, IdempotencyPolicy};
+///
+/// let policy = IdempotencyPolicy { key_required: true, ..IdempotencyPolicy::default() }
+///     .validated()?;
+/// assert!(policy.key_required);
+/// let layer = IdempotencyLayer::validated(MemoryStore::new(), policy.clone());
+/// # let _ = layer;
+///
+/// let bad = IdempotencyPolicy { lease: Duration::ZERO, ..IdempotencyPolicy::default() };
+/// assert_eq!(bad.validated().unwrap_err().field(), "lease");
+/// # Ok::<(), idem_http::PolicyError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ValidPolicy(Arc<Config>);
+
+impl ValidPolicy {
+    /// The policy as it was given.
+    pub fn policy(&self) -> &IdempotencyPolicy {
+        &self.0.policy
+    }
+
+    pub(crate) fn config(&self) -> &Arc<Config> {
+        &self.0
+    }
+}
+
+impl Deref for ValidPolicy {
+    type Target = IdempotencyPolicy;
+
+    fn deref(&self) -> &IdempotencyPolicy {
+        self.policy()
+    }
+}
+
+impl Default for ValidPolicy {
+    /// The default policy, which is valid.
+    fn default() -> Self {
+        IdempotencyPolicy::default()
+            .validated()
+            .expect("the default policy is valid")
+    }
+}
+
+impl TryFrom<IdempotencyPolicy> for ValidPolicy {
+    type Error = PolicyError;
+
+    fn try_from(policy: IdempotencyPolicy) -> Result<Self, PolicyError> {
+        policy.validated()
+    }
+}
 
 /// A validated policy, with names parsed once.
 #[derive(Debug, Clone)]

@@ -92,7 +92,7 @@ impl GatewayRun {
         };
         let config = GatewayConfig::resolve(FileConfig::default(), &overrides)?;
         let store = config.store.open().await?;
-        let gateway = Gateway::new(&config, store)?;
+        let gateway = Gateway::new(&config, store);
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(io_error("listen on 127.0.0.1"))?;

@@ -73,7 +73,7 @@ impl TestGateway {
 
     /// The gateway for `config` over `store`.
     pub async fn with_store(config: &GatewayConfig, store: Arc<dyn Store>) -> Self {
-        let gateway = Gateway::new(config, Arc::clone(&store)).unwrap();
+        let gateway = Gateway::new(config, Arc::clone(&store));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();

@@ -39,7 +39,7 @@ impl TestGateway {
         };
         let config = GatewayConfig::load(Some(&path), &overrides).unwrap();
         let store = config.store.open().await.unwrap();
-        let gateway = Gateway::new(&config, store).unwrap();
+        let gateway = Gateway::new(&config, store);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
