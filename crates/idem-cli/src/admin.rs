@@ -141,10 +141,11 @@ async fn readyz(State(admin): State<Admin>) -> Response {
 
 async fn metrics(State(admin): State<Admin>) -> Response {
     let stuck = admin.stuck_leases().await;
-    let text = admin
-        .gateway
-        .metrics()
-        .render(&admin.gateway.stats(), stuck);
+    let text =
+        admin
+            .gateway
+            .metrics()
+            .render(&admin.gateway.stats(), stuck, &admin.store().counters());
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

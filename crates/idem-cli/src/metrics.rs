@@ -7,15 +7,19 @@
 //! ```
 //! use std::sync::Arc;
 //! use idem_cli::metrics::GatewayMetrics;
+//! use idem_core::StoreCounters;
 //! use idem_http::IdempotencyStats;
 //!
 //! let metrics = Arc::new(GatewayMetrics::new());
 //! let request = metrics.request();
 //! request.finish(http::StatusCode::CREATED);
-//! let text = metrics.render(&[Arc::new(IdempotencyStats::default())], Some(0));
+//! let store = StoreCounters { records: Some(3), ..StoreCounters::default() };
+//! let text = metrics.render(&[Arc::new(IdempotencyStats::default())], Some(0), &store);
 //! assert!(text.contains("idem_requests_total{outcome=\"replayed\"} 0"));
 //! assert!(text.contains("idem_request_duration_seconds_count{status=\"2xx\"} 1"));
 //! assert!(text.contains("idem_stuck_leases 0"));
+//! assert!(text.contains("idem_store_records 3"));
+//! assert!(!text.contains("idem_store_commits_total"));
 //! ```
 
 use std::future::Future;
@@ -29,7 +33,8 @@ use axum::body::Body;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use idem_core::{
-    Begin, Fingerprint, InFlightRecord, Lease, Record, ScopedKey, Store, StoreError, Stored, Token,
+    Begin, Fingerprint, InFlightRecord, Lease, Record, ScopedKey, Store, StoreCounters, StoreError,
+    Stored, Token,
 };
 use idem_http::{IdempotencyStats, Outcome};
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
@@ -81,9 +86,38 @@ const LAYER_COUNTERS: [(&str, &str, Reader); 5] = [
 /// The status classes request latency is recorded by.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// The store operations whose latency is recorded.
-const STORE_OPERATIONS: [&str; 7] = [
-    "begin", "complete", "release", "renew", "get", "delete", "sweep",
+/// The store operations whose latency is recorded: the layer's calls. Sweeps run in the
+/// background, on the store itself; the store counts what they remove
+/// ([`StoreCounters::swept`]).
+const STORE_OPERATIONS: [&str; 6] = ["begin", "complete", "release", "renew", "get", "delete"];
+
+/// What a store's [`StoreCounters`] are exported as: name, help, whether it is a gauge (else
+/// a counter), reader.
+const STORE_FIGURES: [(&str, &str, bool, fn(&StoreCounters) -> Option<u64>); 4] = [
+    (
+        "idem_store_records",
+        "Records the store keeps now (in flight, completed, or expired and not yet swept).",
+        true,
+        |counters| counters.records,
+    ),
+    (
+        "idem_store_swept_records_total",
+        "Expired records this process's sweeps removed.",
+        false,
+        |counters| counters.swept,
+    ),
+    (
+        "idem_store_commits_total",
+        "Durable commits of the store's writer (each carries a group of operations).",
+        false,
+        |counters| counters.commits,
+    ),
+    (
+        "idem_store_committed_operations_total",
+        "Operations the writer's durable commits carried.",
+        false,
+        |counters| counters.committed_operations,
+    ),
 ];
 
 /// One gateway's metrics. Cheap to share: clone the `Arc`.
@@ -131,6 +165,13 @@ impl GatewayMetrics {
         for (name, help, _) in LAYER_COUNTERS {
             describe(name, None, help);
         }
+        for (name, help, gauge, _) in STORE_FIGURES {
+            if gauge {
+                recorder.describe_gauge(name.into(), None, help.into());
+            } else {
+                describe(name, None, help);
+            }
+        }
         recorder.describe_gauge(
             "idem_requests_in_flight".into(),
             None,
@@ -146,8 +187,8 @@ impl GatewayMetrics {
         recorder.describe_gauge(
             "idem_stuck_leases".into(),
             None,
-            "Keys in flight for longer than stuck_after (counted up to 1000), where the store \
-             can list them."
+            "Keys in flight for longer than stuck_after (counted up to 1000); NaN when the \
+             store could not list them for this scrape."
                 .into(),
         );
         recorder.describe_histogram(
@@ -206,12 +247,30 @@ impl GatewayMetrics {
     }
 
     /// The Prometheus text exposition of everything, with the layers' counters (summed
-    /// over routes) as they are now, and the count of stuck leases if the store told it.
-    pub fn render(&self, layers: &[Arc<IdempotencyStats>], stuck_leases: Option<u64>) -> String {
-        if let Some(stuck) = stuck_leases {
-            self.recorder
-                .register_gauge(&Key::from_static_name("idem_stuck_leases"), &METADATA)
-                .set(stuck as f64);
+    /// over routes) as they are now, the count of stuck leases if the store could list
+    /// them (else `NaN`, so that an old count is never shown as current), and what the
+    /// store tells of itself (each figure absent where it cannot tell).
+    pub fn render(
+        &self,
+        layers: &[Arc<IdempotencyStats>],
+        stuck_leases: Option<u64>,
+        store: &StoreCounters,
+    ) -> String {
+        self.recorder
+            .register_gauge(&Key::from_static_name("idem_stuck_leases"), &METADATA)
+            .set(stuck_leases.map_or(f64::NAN, |stuck| stuck as f64));
+        for (name, _, gauge, read) in STORE_FIGURES {
+            let Some(value) = read(store) else { continue };
+            let key = Key::from_static_name(name);
+            if gauge {
+                self.recorder
+                    .register_gauge(&key, &METADATA)
+                    .set(value as f64);
+            } else {
+                self.recorder
+                    .register_counter(&key, &METADATA)
+                    .absolute(value);
+            }
         }
         let sum = |read: Reader| layers.iter().map(|stats| read(stats)).sum::<u64>();
         for outcome in Outcome::ALL {
@@ -353,7 +412,6 @@ impl Store for TimedStore {
         self.inner.delete(key).await
     }
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
-        let _timer = self.metrics.store_call(6);
         self.inner.sweep(limit).await
     }
     async fn in_flight(
@@ -365,6 +423,9 @@ impl Store for TimedStore {
     }
     fn fatal_error(&self) -> Option<String> {
         self.inner.fatal_error()
+    }
+    fn counters(&self) -> idem_core::StoreCounters {
+        self.inner.counters()
     }
 }
 

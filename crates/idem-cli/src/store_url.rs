@@ -258,6 +258,9 @@ impl Store for Swept {
         }
         self.store.fatal_error()
     }
+    fn counters(&self) -> idem_core::StoreCounters {
+        self.store.counters()
+    }
 }
 
 /// The URL with any password replaced, for logs and `--check`.

@@ -357,3 +357,53 @@ fn admin_settings_are_validated() {
     let bad = resolve("stuck_after = \"0s\"", None).unwrap_err();
     assert_eq!(bad.field, "stuck_after", "{bad}");
 }
+
+/// The store's own figures, for the two embedded stores: records kept rise with a new key,
+/// sweeps remove the expired one and say so, and redb's writer counts its commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_reports_records_kept_sweeps_and_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let redb = format!("redb:{}", dir.path().join("figures.redb").display());
+    for store in ["memory:", redb.as_str()] {
+        let upstream = Upstream::start().await;
+        let mut overrides = upstream_only(&upstream);
+        overrides.store = Some(store.to_owned());
+        let gateway =
+            TestGateway::start(&load_config("[policy]\nretention = \"1s\"\n", overrides)).await;
+        let admin = admin_for(&gateway, Duration::from_secs(2)).await;
+        let before = scrape(admin).await;
+        assert_eq!(sample(&before, "idem_store_records"), 0.0, "{store}");
+        assert_eq!(
+            sample(&before, "idem_store_swept_records_total"),
+            0.0,
+            "{store}"
+        );
+
+        let url = format!("http://{}/pay", gateway.addr);
+        let key = format!("figures-{}", unique());
+        assert_eq!(send(&client(), keyed(&url, &key, "{}")).await.status, 201);
+        let after = scrape(admin).await;
+        assert_eq!(
+            sample(&after, "idem_store_records"),
+            1.0,
+            "{store}: {after}"
+        );
+        if store.starts_with("redb") {
+            // A claim and a completion: two operations, in one or two commits.
+            let commits = sample(&after, "idem_store_commits_total");
+            let operations = sample(&after, "idem_store_committed_operations_total");
+            assert!(commits >= 1.0 && operations >= 2.0, "{after}");
+        } else {
+            assert!(!after.contains("idem_store_commits_total"), "{after}");
+        }
+
+        // Retention over, the sweeper (every second) removes the record and counts it.
+        eventually("the expired record to be swept", || async {
+            let now = scrape(admin).await;
+            (sample(&now, "idem_store_swept_records_total") == 1.0
+                && sample(&now, "idem_store_records") == 0.0)
+                .then_some(())
+        })
+        .await;
+    }
+}

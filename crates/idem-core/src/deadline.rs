@@ -129,6 +129,9 @@ impl<S: Store> Store for TimeoutStore<S> {
     fn fatal_error(&self) -> Option<String> {
         self.inner.fatal_error()
     }
+    fn counters(&self) -> crate::StoreCounters {
+        self.inner.counters()
+    }
 }
 
 #[cfg(test)]

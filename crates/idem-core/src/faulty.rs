@@ -155,4 +155,7 @@ impl<S: Store> Store for FaultyStore<S> {
         let told = self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone();
         told.or_else(|| self.inner.fatal_error())
     }
+    fn counters(&self) -> crate::StoreCounters {
+        self.inner.counters()
+    }
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::clock::{Clock, SystemClock};
 use crate::record::{Begin, InFlightRecord, Lease, Record, RecordState, Stored, Token};
-use crate::store::{Store, StoreError, transition};
+use crate::store::{Store, StoreCounters, StoreError, transition};
 use crate::{Fingerprint, ScopedKey};
 
 /// Records in a hash map behind a mutex. Expired records read as absent at once and are
@@ -33,6 +33,7 @@ pub struct MemoryStore {
     // One counter for the whole store makes tokens grow per key even after a key is
     // released or swept and claimed afresh.
     last_token: AtomicU64,
+    swept: AtomicU64,
     clock: Arc<dyn Clock>,
 }
 
@@ -88,6 +89,7 @@ impl MemoryStore {
         Self {
             records: Mutex::new(HashMap::new()),
             last_token: AtomicU64::new(0),
+            swept: AtomicU64::new(0),
             clock: Arc::new(clock),
         }
     }
@@ -198,6 +200,8 @@ impl Store for MemoryStore {
         for key in &expired {
             records.remove(key);
         }
+        self.swept
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
         Ok(expired.len())
     }
 
@@ -229,6 +233,14 @@ impl Store for MemoryStore {
         held.sort_by_key(|record| record.claimed_at);
         held.truncate(limit);
         Ok(held)
+    }
+
+    fn counters(&self) -> StoreCounters {
+        StoreCounters {
+            records: Some(self.len() as u64),
+            swept: Some(self.swept.load(Ordering::Relaxed)),
+            ..StoreCounters::default()
+        }
     }
 }
 

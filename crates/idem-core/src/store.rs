@@ -211,6 +211,41 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     fn fatal_error(&self) -> Option<String> {
         None
     }
+
+    /// What the store can tell about its size and its own upkeep, for metrics; cheap
+    /// enough to call on every scrape. The default tells nothing.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_core::{Fingerprint, Key, MemoryStore, Scope, ScopedKey, Store};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::StoreError> {
+    /// let store = MemoryStore::new();
+    /// let key = ScopedKey::new(Scope::anonymous(), Key::new("pay-1").unwrap());
+    /// let fingerprint = Fingerprint::builder().part("body", b"{}").finish();
+    /// store.begin(&key, &fingerprint, Duration::from_secs(60)).await?;
+    /// assert_eq!(store.counters().records, Some(1));
+    /// assert_eq!(store.counters().swept, Some(0));
+    /// # Ok(()) }
+    /// ```
+    fn counters(&self) -> StoreCounters {
+        StoreCounters::default()
+    }
+}
+
+/// A store's answer to [`Store::counters`]: each figure `None` where the store cannot tell
+/// it (Redis, for one, expires records by itself and shares its key space).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Records kept now: in flight, completed, or expired and not yet swept.
+    pub records: Option<u64>,
+    /// Expired records removed by sweeps since the store was opened.
+    pub swept: Option<u64>,
+    /// Durable commits since the store was opened, for stores that group operations into
+    /// commits (redb's writer).
+    pub commits: Option<u64>,
+    /// Operations those commits carried: divided by `commits`, the group-commit size.
+    pub committed_operations: Option<u64>,
 }
 
 #[async_trait]
@@ -261,6 +296,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn fatal_error(&self) -> Option<String> {
         (**self).fatal_error()
+    }
+    fn counters(&self) -> StoreCounters {
+        (**self).counters()
     }
 }
 

@@ -128,12 +128,13 @@ mod schema;
 mod statements;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use idem_core::{
     Begin, Fingerprint, InFlightRecord, Key, Lease, Record, RecordState, Scope, ScopedKey, Store,
-    StoreError, Stored, Token, transition,
+    StoreCounters, StoreError, Stored, Token, transition,
 };
 use sqlx::postgres::types::PgInterval;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
@@ -344,6 +345,8 @@ pub struct PostgresStore {
     pool: PgPool,
     table: Arc<TableName>,
     sql: Arc<Statements>,
+    /// Records this process's sweeps removed (every clone shares it).
+    swept: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -404,6 +407,7 @@ impl PostgresStore {
     fn assemble(pool: PgPool, table: TableName) -> Self {
         Self {
             sql: Arc::new(Statements::new(&table)),
+            swept: Arc::default(),
             table: Arc::new(table),
             pool,
         }
@@ -713,6 +717,15 @@ impl Store for PostgresStore {
         if removed > 0 {
             tracing::debug!(table = %self.table.display(), removed, "swept expired records");
         }
+        self.swept.fetch_add(removed, Ordering::Relaxed);
         Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+    }
+
+    // Counting the table's rows is a scan in Postgres: too much for every scrape.
+    fn counters(&self) -> StoreCounters {
+        StoreCounters {
+            swept: Some(self.swept.load(Ordering::Relaxed)),
+            ..StoreCounters::default()
+        }
     }
 }

@@ -43,6 +43,7 @@ mod row;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -51,7 +52,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use idem_core::{
     Begin, Clock, Fingerprint, InFlightRecord, Lease, Record, RecordState, ScopedKey, Store,
-    StoreError, Stored, SystemClock, Token, from_unix_millis, transition, unix_millis,
+    StoreCounters, StoreError, Stored, SystemClock, Token, from_unix_millis, transition,
+    unix_millis,
 };
 use redb::{ReadableDatabase, ReadableTableMetadata};
 use tokio::sync::oneshot;
@@ -59,7 +61,7 @@ use tokio::sync::oneshot;
 pub use redb;
 
 use crate::row::{CLAIMS, RECORDS};
-use crate::writer::{Job, Writer};
+use crate::writer::{Job, Writer, WriterCounters};
 
 /// Why a redb file could not be opened as a store.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +124,7 @@ pub struct RedbStore {
     clock: Arc<dyn Clock>,
     /// Why the writer thread died, once it has.
     writer_died: Arc<OnceLock<String>>,
+    counters: Arc<WriterCounters>,
 }
 
 /// The error every call answers once the writer thread has died.
@@ -176,7 +179,13 @@ impl RedbStore {
         };
         writer::create_tables(&db).map_err(database_error)?;
         let (jobs, inbox) = mpsc::channel();
-        let writer = Writer::new(Arc::clone(&db), Arc::clone(&clock), options);
+        let counters = Arc::new(WriterCounters::default());
+        let writer = Writer::new(
+            Arc::clone(&db),
+            Arc::clone(&clock),
+            options,
+            Arc::clone(&counters),
+        );
         let writer_died = Arc::new(OnceLock::new());
         let died = Arc::clone(&writer_died);
         let thread = std::thread::Builder::new()
@@ -201,6 +210,7 @@ impl RedbStore {
             writer: Some(thread),
             clock,
             writer_died,
+            counters,
         })
     }
 
@@ -418,6 +428,17 @@ impl Store for RedbStore {
         self.writer_died
             .get()
             .map(|reason| WriterDied(reason.clone()).to_string())
+    }
+
+    fn counters(&self) -> StoreCounters {
+        let count = |counter: &AtomicU64| Some(counter.load(Ordering::Relaxed));
+        StoreCounters {
+            // A scrape that cannot read the file says nothing rather than a wrong figure.
+            records: self.record_count().ok(),
+            swept: count(&self.counters.swept),
+            commits: count(&self.counters.commits),
+            committed_operations: count(&self.counters.operations),
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -86,20 +87,38 @@ pub(crate) fn create_tables(db: &Database) -> Result<(), redb::Error> {
     Ok(())
 }
 
+/// What the writer has done since the store was opened, for [`Store::counters`]: counted
+/// only for transactions that committed.
+///
+/// [`Store::counters`]: idem_core::Store::counters
+#[derive(Debug, Default)]
+pub(crate) struct WriterCounters {
+    pub(crate) commits: AtomicU64,
+    pub(crate) operations: AtomicU64,
+    pub(crate) swept: AtomicU64,
+}
+
 pub(crate) struct Writer {
     db: Arc<Database>,
     clock: Arc<dyn Clock>,
     options: RedbOptions,
     last_sweep: Instant,
+    counters: Arc<WriterCounters>,
 }
 
 impl Writer {
-    pub(crate) fn new(db: Arc<Database>, clock: Arc<dyn Clock>, options: RedbOptions) -> Self {
+    pub(crate) fn new(
+        db: Arc<Database>,
+        clock: Arc<dyn Clock>,
+        options: RedbOptions,
+        counters: Arc<WriterCounters>,
+    ) -> Self {
         Self {
             db,
             clock,
             options,
             last_sweep: Instant::now(),
+            counters,
         }
     }
 
@@ -128,7 +147,9 @@ impl Writer {
     }
 
     fn commit_batch(&self, batch: Vec<Job>, sweep_due: bool) {
+        let operations = batch.len() as u64;
         let mut finishers: Vec<Finish> = Vec::with_capacity(batch.len());
+        let mut swept = 0;
         let outcome = self
             .db
             .begin_write()
@@ -150,10 +171,18 @@ impl Writer {
                     }
                 }
                 tx.save_last_token()?;
+                swept = tx.swept;
                 drop(tx);
                 txn.commit()?;
                 Ok(())
             });
+        if outcome.is_ok() {
+            self.counters.commits.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .operations
+                .fetch_add(operations, Ordering::Relaxed);
+            self.counters.swept.fetch_add(swept, Ordering::Relaxed);
+        }
         let failed: Option<SharedError> = outcome.err().map(|error| Arc::new(error) as SharedError);
         if let Some(error) = &failed {
             tracing::error!(%error, "an idem-redb write transaction failed; its callers get errors");
@@ -173,6 +202,8 @@ struct Tx<'t> {
     now: SystemTime,
     last_token: u64,
     minted: bool,
+    /// Records this transaction's sweeps removed.
+    swept: u64,
     /// A storage error that makes the whole transaction unusable.
     broken: Option<redb::Error>,
 }
@@ -189,6 +220,7 @@ impl<'t> Tx<'t> {
             now,
             last_token,
             minted: false,
+            swept: 0,
             broken: None,
         })
     }
@@ -416,6 +448,7 @@ impl<'t> Tx<'t> {
             Ok(())
         })();
         removed.map_err(|error| self.storage("remove expired records", error))?;
+        self.swept += due.len() as u64;
         Ok(due.len())
     }
 }
