@@ -140,13 +140,16 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use fred::clients::Pool;
 use fred::error::{Error as RedisError, ErrorKind};
+use fred::interfaces::HashesInterface;
 use fred::interfaces::{ClientLike, LuaInterface};
 use fred::prelude::{Builder, ReconnectPolicy};
+use fred::types::scan::{ScanType, Scanner};
 use fred::types::scripts::Script;
 use fred::types::{ConnectHandle, Value};
+use futures_util::StreamExt;
 use idem_core::{
-    Begin, Fingerprint, Lease, Record, RecordState, ScopedKey, Store, StoreError, Stored, Token,
-    from_unix_millis, to_millis, transition,
+    Begin, Fingerprint, InFlightRecord, Key, Lease, Record, RecordState, Scope, ScopedKey, Store,
+    StoreError, Stored, Token, from_unix_millis, to_millis, transition,
 };
 
 pub use fred;
@@ -169,6 +172,7 @@ struct Inner {
     pool: Pool,
     scripts: Scripts,
     prefix: String,
+    max_in_flight_scan: usize,
     url: String,
     tasks: Vec<ConnectHandle>,
 }
@@ -206,7 +210,7 @@ impl RedisStore {
     /// wait up to [`RedisOptions::command_timeout`] and then fail.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, ConnectError> {
         let limit = options.connect_timeout;
-        let (pool, scripts, prefix) = Self::prepare(url, options, true)?;
+        let (pool, scripts, options) = Self::prepare(url, options, true)?;
         let mut tasks = pool.connect_pool();
         let started = tokio::time::timeout(limit, async {
             wait_connected(&pool, &mut tasks).await?;
@@ -217,7 +221,7 @@ impl RedisStore {
         })
         .await;
         // From here on, dropping the store stops the connection tasks.
-        let store = Self::assemble(url, pool, scripts, prefix, tasks);
+        let store = Self::assemble(url, pool, scripts, options, tasks);
         match started {
             Ok(Ok(())) => Ok(store),
             Ok(Err(error)) => Err(ConnectError::Redis(error)),
@@ -233,16 +237,16 @@ impl RedisStore {
     /// Must be called inside a Tokio runtime.
     pub fn connect_lazy(url: &str, options: RedisOptions) -> Result<Self, ConnectError> {
         tokio::runtime::Handle::try_current().map_err(|_| ConnectError::NoRuntime)?;
-        let (pool, scripts, prefix) = Self::prepare(url, options, false)?;
+        let (pool, scripts, options) = Self::prepare(url, options, false)?;
         let tasks = pool.connect_pool();
-        Ok(Self::assemble(url, pool, scripts, prefix, tasks))
+        Ok(Self::assemble(url, pool, scripts, options, tasks))
     }
 
     fn prepare(
         url: &str,
         options: RedisOptions,
         fail_fast: bool,
-    ) -> Result<(Pool, Scripts, String), ConnectError> {
+    ) -> Result<(Pool, Scripts, RedisOptions), ConnectError> {
         options.validate()?;
         let mut config = options::parse_url(url, options.tls.as_ref())?;
         config.fail_fast = fail_fast;
@@ -263,21 +267,22 @@ impl RedisStore {
                 reason: "the client rejected the configuration".to_owned(),
                 source: Some(source),
             })?;
-        Ok((pool, Scripts::new(), options.prefix))
+        Ok((pool, Scripts::new(), options))
     }
 
     fn assemble(
         url: &str,
         pool: Pool,
         scripts: Scripts,
-        prefix: String,
+        options: RedisOptions,
         tasks: Vec<ConnectHandle>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pool,
                 scripts,
-                prefix,
+                prefix: options.prefix,
+                max_in_flight_scan: options.max_in_flight_scan,
                 url: options::redact(url),
                 tasks,
             }),
@@ -537,6 +542,123 @@ impl Store for RedisStore {
     async fn sweep(&self, _limit: usize) -> Result<usize, StoreError> {
         Ok(0)
     }
+
+    /// Scans the prefix's keys (on every primary of a cluster), reading each record's
+    /// state, up to [`RedisOptions::max_in_flight_scan`] keys: Redis keeps no index by claim
+    /// time. Ages are measured with this process's clock.
+    async fn in_flight(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<InFlightRecord>, StoreError> {
+        const OP: &str = "list in-flight records";
+        let failed = |e: RedisError| StoreError::backend(OP, e);
+        let client = self.inner.pool.next();
+        let pattern = format!("{}:{{*}}", glob_escape(&self.inner.prefix));
+        let mut pages = if client.is_clustered() {
+            client
+                .scan_cluster(pattern, Some(SCAN_PAGE), Some(ScanType::Hash))
+                .boxed()
+        } else {
+            client
+                .scan(pattern, Some(SCAN_PAGE), Some(ScanType::Hash))
+                .boxed()
+        };
+        let now = SystemTime::now();
+        let mut held = Vec::new();
+        let mut scanned = 0;
+        while let Some(page) = pages.next().await {
+            let mut page = page.map_err(failed)?;
+            let keys = page.take_results().unwrap_or_default();
+            scanned += keys.len();
+            let records = futures_util::future::try_join_all(
+                keys.into_iter()
+                    .map(|key| client.hmget::<Vec<Value>, _, _>(key, IN_FLIGHT_FIELDS.to_vec())),
+            )
+            .await
+            .map_err(failed)?;
+            for fields in records {
+                if let Some(record) = in_flight_record(&fields, now, older_than)? {
+                    held.push(record);
+                }
+            }
+            if scanned >= self.inner.max_in_flight_scan {
+                tracing::warn!(
+                    scanned,
+                    "listing in-flight records stopped at max_in_flight_scan keys"
+                );
+                page.cancel();
+                break;
+            }
+            page.next();
+        }
+        held.sort_by_key(|record| record.claimed_at);
+        held.truncate(limit);
+        Ok(held)
+    }
+}
+
+/// Keys `SCAN` asks for per page.
+const SCAN_PAGE: u32 = 1000;
+
+/// The hash fields [`in_flight_record`] reads, in its order.
+const IN_FLIGHT_FIELDS: [&str; 6] = ["state", "expires_ms", "token", "claimed_ms", "scope", "key"];
+
+/// A record's fields (as [`IN_FLIGHT_FIELDS`]) as an in-flight record, if it is held, its
+/// lease not over at `now`, and claimed at least `older_than` before `now`.
+fn in_flight_record(
+    fields: &[Value],
+    now: SystemTime,
+    older_than: Duration,
+) -> Result<Option<InFlightRecord>, StoreError> {
+    let [state, expires, token, claimed, scope, key] = fields else {
+        return Err(StoreError::corrupt(Malformed("a record's fields")));
+    };
+    // Gone between the scan and the read, or completed: not in flight.
+    if state.as_str().as_deref() != Some("in_flight") {
+        return Ok(None);
+    }
+    let corrupt = |what| StoreError::corrupt(Malformed(what));
+    let number = |value: &Value| value.as_str().and_then(|text| text.parse::<u64>().ok());
+    let lease_expires_at = number(expires)
+        .map(from_unix_millis)
+        .ok_or_else(|| corrupt("the expiry is not a number"))?;
+    let token = number(token).ok_or_else(|| corrupt("the token is not a number"))?;
+    // Records claimed before `claimed_ms` was kept: the token is the claim's clock in
+    // microseconds (or just above the previous token).
+    let claimed_at = from_unix_millis(number(claimed).unwrap_or(token / 1000));
+    // No minimum age lists every claim, even one stamped by a Redis clock slightly ahead.
+    let old_enough = older_than.is_zero()
+        || now
+            .duration_since(claimed_at)
+            .is_ok_and(|age| age >= older_than);
+    if now >= lease_expires_at || !old_enough {
+        return Ok(None);
+    }
+    let (Some(scope), Some(key)) = (scope.as_str(), key.as_str()) else {
+        return Err(corrupt("the scope or key is missing"));
+    };
+    Ok(Some(InFlightRecord {
+        key: ScopedKey::new(
+            Scope::new(scope.into_owned()),
+            Key::from_stored(&key).map_err(StoreError::corrupt)?,
+        ),
+        token: Token::new(token),
+        claimed_at,
+        lease_expires_at,
+    }))
+}
+
+/// `text` matching itself in a `SCAN MATCH` pattern.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 /// A lease or retention, as whole milliseconds for a script argument; refused past

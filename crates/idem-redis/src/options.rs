@@ -42,6 +42,11 @@ pub struct RedisOptions {
     /// (`tls-auth-clients yes`). Only `rediss://` and `rediss+cluster://` URLs use TLS;
     /// setting this with a plain `redis://` URL is refused rather than silently ignored.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The most record keys one [`in_flight`](idem_core::Store::in_flight) call reads
+    /// (default 100 000). Redis keeps no index by claim time, so listing in-flight keys
+    /// scans the prefix's keys (`SCAN`, on every primary of a cluster); past this many the
+    /// listing, and `idem_stuck_leases`, cover only the keys scanned so far.
+    pub max_in_flight_scan: usize,
 }
 
 /// The longest timeout an option accepts: longer ones are mistakes, and would overflow
@@ -56,6 +61,7 @@ impl Default for RedisOptions {
             command_timeout: Duration::from_secs(2),
             pool_size: 4,
             tls: None,
+            max_in_flight_scan: 100_000,
         }
     }
 }
@@ -89,6 +95,9 @@ impl RedisOptions {
             if timeout > MAX_TIMEOUT {
                 return Err(invalid(field, "must be at most a day"));
             }
+        }
+        if self.max_in_flight_scan == 0 {
+            return Err(invalid("max_in_flight_scan", "must be at least 1"));
         }
         if self.pool_size == 0 {
             return Err(invalid("pool_size", "must be at least 1"));

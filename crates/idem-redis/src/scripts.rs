@@ -15,6 +15,7 @@
 //! | `token`      | the fencing token of the latest claim, decimal             |
 //! | `expires_ms` | lease end (in flight) or retention end (completed)         |
 //! | `stored`     | `Stored::encode()` bytes, when completed                   |
+//! | `claimed_ms` | when the latest claim was made (renewals keep it)          |
 //! | `scope`      | the scope's text, for inspection only                      |
 //! | `key`        | the key's text, for inspection only                        |
 //!
@@ -66,7 +67,7 @@ local lease = tonumber(ARGV[2])
 local lease_end = now_ms + lease
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'in_flight', 'fp', ARGV[1], 'token', fmt(token),
-  'expires_ms', fmt(lease_end), 'scope', ARGV[3], 'key', ARGV[4])
+  'expires_ms', fmt(lease_end), 'claimed_ms', fmt(now_ms), 'scope', ARGV[3], 'key', ARGV[4])
 redis.call('PEXPIREAT', KEYS[1], lease_end + lease)
 return {'acquired', fmt(token), fmt(lease_end)}
 "#;
