@@ -410,11 +410,17 @@ impl GatewayConfig {
                 .or(file.admin_listen.as_deref())
                 .unwrap_or(DEFAULT_ADMIN_LISTEN),
         )?;
-        let admin_token = crate::keys::AdminToken::load(
+        let admin_token = given_secret(
+            crate::keys::ADMIN_TOKEN_ENV,
             overrides.admin_token.as_deref(),
+            "--admin-token-file",
             overrides.admin_token_file.as_deref(),
-        )
-        .map_err(|e| ConfigError::new("--admin-token-file", e.to_string()))?;
+        )?
+        .map(|given| {
+            crate::keys::AdminToken::new(&given.bytes)
+                .map_err(|e| ConfigError::new(given.field, e.to_string()))
+        })
+        .transpose()?;
         if let Some(addr) = admin_listen {
             crate::keys::check_exposure(addr, admin_token.as_ref())
                 .map_err(|e| ConfigError::new("admin_listen", e.to_string()))?;
@@ -567,7 +573,10 @@ impl GatewayConfig {
                 Duration::ZERO..=Duration::from_secs(60 * 60),
             )?,
             limits,
-            scope_secret: scope_secret(overrides)?,
+            scope_secret: ScopeSecret::load(
+                overrides.scope_secret.as_deref(),
+                overrides.scope_secret_file.as_deref(),
+            )?,
             admin_token,
             default_policy,
             routes,
@@ -788,49 +797,89 @@ fn route_path(text: &str, at: &str) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError::new(at, format!("`{text}`: {}", e.reason())))
 }
 
-/// The scope secret from `IDEM_SCOPE_SECRET` or `--scope-secret-file` (not both).
-fn scope_secret(overrides: &Overrides) -> Result<Option<ScopeSecret>, ConfigError> {
-    let (bytes, from) = match (&overrides.scope_secret, &overrides.scope_secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::new(
-                "--scope-secret-file",
-                format!("{SCOPE_SECRET_ENV} is set too; give the secret one way only"),
-            ));
-        }
-        (None, None) => return Ok(None),
-        (Some(bytes), None) => (bytes.clone(), SCOPE_SECRET_ENV.to_owned()),
+/// A secret as given: its bytes, the setting that gave it (for errors) and where it came
+/// from (for `--check`).
+pub(crate) struct GivenSecret {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) field: &'static str,
+    pub(crate) from: String,
+}
+
+/// The one way every secret is read: from the environment variable `env` (its value,
+/// `env_value`, taken as it is) or from the file `file` given by the flag `file_flag` (its
+/// final line ending dropped: editors and `echo` add one), never both; `None` when neither.
+pub(crate) fn given_secret(
+    env: &'static str,
+    env_value: Option<&[u8]>,
+    file_flag: &'static str,
+    file: Option<&Path>,
+) -> Result<Option<GivenSecret>, ConfigError> {
+    match (env_value, file) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            file_flag,
+            format!("{env} is set too; give the secret one way only"),
+        )),
+        (None, None) => Ok(None),
+        (Some(bytes), None) => Ok(Some(GivenSecret {
+            bytes: bytes.to_vec(),
+            field: env,
+            from: env.to_owned(),
+        })),
         (None, Some(path)) => {
             let mut bytes = std::fs::read(path).map_err(|e| {
-                ConfigError::new(
-                    "--scope-secret-file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
+                ConfigError::new(file_flag, format!("cannot read {}: {e}", path.display()))
             })?;
-            // Editors and `echo` end a file with a newline; it is not part of the secret.
             if bytes.ends_with(b"\n") {
                 bytes.pop();
                 if bytes.ends_with(b"\r") {
                     bytes.pop();
                 }
             }
-            (bytes, path.display().to_string())
+            Ok(Some(GivenSecret {
+                bytes,
+                field: file_flag,
+                from: path.display().to_string(),
+            }))
         }
-    };
-    if bytes.len() < MIN_SCOPE_SECRET {
-        let field = if overrides.scope_secret.is_some() {
-            SCOPE_SECRET_ENV
-        } else {
-            "--scope-secret-file"
-        };
-        return Err(ConfigError::new(
-            field,
-            format!(
-                "the scope secret is {} bytes; use at least {MIN_SCOPE_SECRET} random bytes",
-                bytes.len()
-            ),
-        ));
     }
-    Ok(Some(ScopeSecret { bytes, from }))
+}
+
+impl ScopeSecret {
+    /// The scope secret from the value of `IDEM_SCOPE_SECRET` or from the file of
+    /// `--scope-secret-file` (not both), at least [`MIN_SCOPE_SECRET`] bytes: what
+    /// `idem serve` uses, and what `idem keys --credential` must use to find the same
+    /// scope.
+    ///
+    /// ```
+    /// use idem_cli::config::ScopeSecret;
+    ///
+    /// let secret = ScopeSecret::load(Some(b"sixteen+ random bytes"), None).unwrap().unwrap();
+    /// assert_eq!(secret.source(), "IDEM_SCOPE_SECRET");
+    /// assert!(ScopeSecret::load(Some(b"short"), None).is_err());
+    /// assert!(ScopeSecret::load(None, None).unwrap().is_none());
+    /// ```
+    pub fn load(
+        env_value: Option<&[u8]>,
+        file: Option<&Path>,
+    ) -> Result<Option<Self>, ConfigError> {
+        let Some(given) = given_secret(SCOPE_SECRET_ENV, env_value, "--scope-secret-file", file)?
+        else {
+            return Ok(None);
+        };
+        if given.bytes.len() < MIN_SCOPE_SECRET {
+            return Err(ConfigError::new(
+                given.field,
+                format!(
+                    "the scope secret is {} bytes; use at least {MIN_SCOPE_SECRET} random bytes",
+                    given.bytes.len()
+                ),
+            ));
+        }
+        Ok(Some(Self {
+            bytes: given.bytes,
+            from: given.from,
+        }))
+    }
 }
 
 fn policy_from(table: toml::Table, at: &str) -> Result<ValidPolicy, ConfigError> {

@@ -14,7 +14,7 @@
 //! # let _ = router;
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -68,15 +68,6 @@ pub enum TokenError {
     /// Too short to resist guessing.
     #[error("the admin token is shorter than {MIN_TOKEN_LEN} bytes")]
     TooShort,
-    /// The token file could not be read.
-    #[error("cannot read the admin token file {path}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// The admin listener would be reachable from other hosts with nothing guarding it.
     #[error(
         "the admin listener {addr} is not on a loopback address and no admin token is set \
@@ -86,9 +77,6 @@ pub enum TokenError {
         /// The admin address.
         addr: std::net::SocketAddr,
     },
-    /// Given two ways at once.
-    #[error("{ADMIN_TOKEN_ENV} and --admin-token-file are both set; give the token one way only")]
-    Twice,
 }
 
 impl AdminToken {
@@ -103,23 +91,6 @@ impl AdminToken {
         Ok(Self {
             digest: Scope::key_from_secret(text),
         })
-    }
-
-    /// The token from `value` (the [`ADMIN_TOKEN_ENV`] variable, as the caller read it) or
-    /// from the file `file`; `None` when neither is given.
-    pub fn load(value: Option<&[u8]>, file: Option<&Path>) -> Result<Option<Self>, TokenError> {
-        match (value, file) {
-            (Some(_), Some(_)) => Err(TokenError::Twice),
-            (Some(value), None) => Self::new(value).map(Some),
-            (None, Some(path)) => {
-                let text = std::fs::read(path).map_err(|source| TokenError::File {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                Self::new(text).map(Some)
-            }
-            (None, None) => Ok(None),
-        }
     }
 
     /// Whether `presented` is the token.
@@ -179,25 +150,18 @@ impl ScopeArgs {
         match (&self.scope, &self.credential) {
             (Some(scope), _) => Ok(Scope::new(scope.clone())),
             (None, Some(credential)) => {
-                // As the gateway reads it: a file loses its final line ending, the
-                // environment's value is taken as it is.
-                let secret = match &self.scope_secret_file {
-                    Some(path) => {
-                        let mut bytes = std::fs::read(path).map_err(|error| {
-                            format!("cannot read the scope secret {}: {error}", path.display())
-                        })?;
-                        if bytes.ends_with(b"\n") {
-                            bytes.pop();
-                            if bytes.ends_with(b"\r") {
-                                bytes.pop();
-                            }
-                        }
-                        Some(bytes)
-                    }
-                    None => std::env::var_os(crate::config::SCOPE_SECRET_ENV)
-                        .map(|value| value.as_encoded_bytes().to_vec()),
-                };
-                scope_of_credential(&self.credential_header, credential, secret.as_deref())
+                // Read exactly as `idem serve` reads it, so the scope is the gateway's.
+                let env = std::env::var_os(crate::config::SCOPE_SECRET_ENV);
+                let secret = crate::config::ScopeSecret::load(
+                    env.as_ref().map(|value| value.as_encoded_bytes()),
+                    self.scope_secret_file.as_deref(),
+                )
+                .map_err(|error| error.to_string())?;
+                scope_of_credential(
+                    &self.credential_header,
+                    credential,
+                    secret.as_ref().map(|secret| secret.bytes()),
+                )
             }
             (None, None) => Ok(Scope::anonymous()),
         }
@@ -356,8 +320,15 @@ pub fn main(args: &KeysArgs) -> ExitCode {
 }
 
 fn scoped(key: &str, scope: &ScopeArgs) -> Result<ScopedKey, String> {
-    let key = Key::new(key).map_err(|error| format!("invalid key: {error}"))?;
+    let key = operator_key(key).map_err(|error| format!("invalid key: {error}"))?;
     Ok(ScopedKey::new(scope.scope()?, key))
+}
+
+/// A key an operator typed or pasted, read as the gateway reads the header: as it was
+/// sent (`pay-1`, or the structured-field string `"pay-1"`), of any length a policy may
+/// have allowed.
+fn operator_key(text: &str) -> Result<Key, idem_core::KeyError> {
+    Key::parse_with_max_len(text.as_bytes(), usize::MAX)
 }
 
 /// The JSON view of a record; the body only with `body`.
@@ -539,7 +510,7 @@ async fn within<T>(state: &KeysState, call: impl Future<Output = T>) -> Result<T
 }
 
 fn path_key(scope: String, key: &str) -> Result<ScopedKey, Refusal> {
-    Key::new(key)
+    operator_key(key)
         .map(|key| ScopedKey::new(Scope::new(scope), key))
         .map_err(|error| (StatusCode::BAD_REQUEST, format!("invalid key: {error}")))
 }

@@ -91,9 +91,12 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// ([`StoreCounters::swept`]).
 const STORE_OPERATIONS: [&str; 6] = ["begin", "complete", "release", "renew", "get", "delete"];
 
+/// Reads one figure of a store's counters.
+type StoreFigure = fn(&StoreCounters) -> Option<u64>;
+
 /// What a store's [`StoreCounters`] are exported as: name, help, whether it is a gauge (else
 /// a counter), reader.
-const STORE_FIGURES: [(&str, &str, bool, fn(&StoreCounters) -> Option<u64>); 4] = [
+const STORE_FIGURES: [(&str, &str, bool, StoreFigure); 4] = [
     (
         "idem_store_records",
         "Records the store keeps now (in flight, completed, or expired and not yet swept).",

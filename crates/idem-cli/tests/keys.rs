@@ -357,3 +357,59 @@ async fn keys_get_by_credential_finds_what_the_gateway_stored() {
         "another digest, no record"
     );
 }
+
+#[tokio::test]
+async fn keys_stuck_on_redis_lists_a_held_key_and_not_a_completed_one() {
+    let prefix = RedisPrefix::new("keys-stuck");
+    stuck_lists_a_held_key_and_not_a_completed_one(&prefix.store_url(None)).await;
+}
+
+/// `idem keys --credential` reads the scope secret exactly as `idem serve` does, so it
+/// never computes a scope the gateway would not use: a secret given two ways, or one too
+/// short for the gateway, is refused rather than silently used.
+#[test]
+fn keys_credential_refuses_a_scope_secret_the_gateway_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "a scope secret of many bytes\n").unwrap();
+    let store = format!("redb:{}", dir.path().join("idem.redb").display());
+    let run = |env: Option<&str>, file: Option<&std::path::Path>| {
+        let mut command = std::process::Command::new(idem_bin());
+        command
+            .args(["keys", "get", "k", "--store", &store])
+            .args(["--credential", "Bearer sk_test_1"])
+            .env_remove(idem_cli::config::SCOPE_SECRET_ENV);
+        if let Some(env) = env {
+            command.env(idem_cli::config::SCOPE_SECRET_ENV, env);
+        }
+        if let Some(file) = file {
+            command.arg("--scope-secret-file").arg(file);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(Some("another secret, also long"), Some(&file));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("one way only"), "{err}");
+    let (code, err) = run(Some("short"), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("at least 16"), "{err}");
+}
+
+/// A key pasted as the client sent it in structured-field form finds the record stored
+/// under the bare key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_get_reads_a_pasted_sf_string_key_as_the_gateway_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redb:{}", dir.path().join("idem.redb").display());
+    {
+        let store = url.parse::<idem_cli::store_url::StoreUrl>().unwrap();
+        hold_and_finish(&*store.open().await.unwrap()).await;
+    }
+    let (status, out, err) = run_idem(&["keys", "get", "\"done\"", "--store", &url]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("\"state\": \"completed\""), "{out}");
+}
