@@ -84,7 +84,45 @@ pub enum StoreUrlError {
     /// The Postgres store could not connect or migrate.
     #[error("cannot connect to the Postgres store")]
     Postgres(#[source] idem_postgres::ConnectError),
+    /// A store URL setting that is not a count of at least 1.
+    #[error("`{setting}={value}` in the store URL: {setting} is a whole number from 1 to {max}")]
+    BadCount {
+        /// The setting.
+        setting: &'static str,
+        /// What was given.
+        value: String,
+        /// The largest accepted.
+        max: u32,
+    },
 }
+
+/// The value of the count setting `setting` in a store URL's query (removed from the URL),
+/// from 1 to `max`.
+fn take_count(
+    url: &str,
+    setting: &'static str,
+    max: u32,
+) -> Result<(String, Option<u32>), StoreUrlError> {
+    let (url, value) = take_param(url, setting);
+    let count = value
+        .map(|value| {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|count| (1..=max).contains(count))
+                .ok_or(StoreUrlError::BadCount {
+                    setting,
+                    value,
+                    max,
+                })
+        })
+        .transpose()?;
+    Ok((url, count))
+}
+
+/// The most pooled connections a store URL may ask for: more would exhaust the server
+/// (Postgres' own default `max_connections` is 100) long before it helped.
+const MAX_POOL: u32 = 1024;
 
 impl std::str::FromStr for StoreUrl {
     type Err = StoreUrlError;
@@ -147,10 +185,14 @@ impl StoreUrl {
             // Redis expires records by itself: no sweeper.
             Self::Redis(url) => {
                 let (url, prefix) = take_param(url, "prefix");
+                let (url, pool_size) = take_count(&url, "pool_size", MAX_POOL)?;
                 let (url, tls) = take_tls_files(&url);
                 let mut options = RedisOptions::default();
                 if let Some(prefix) = prefix {
                     options.prefix = prefix;
+                }
+                if let Some(size) = pool_size {
+                    options.pool_size = size as usize;
                 }
                 if url.starts_with("rediss") {
                     let config = tls.client_config().map_err(StoreUrlError::RedisTls)?;
@@ -166,12 +208,16 @@ impl StoreUrl {
             }
             Self::Postgres(url) => {
                 let (url, table) = take_param(url, "table");
+                let (url, max_connections) = take_count(&url, "max_connections", MAX_POOL)?;
                 // Fail closed quickly, as with Redis' command timeout, when no connection can
                 // be had.
                 let mut options =
                     PostgresOptions::default().acquire_timeout(Duration::from_secs(2));
                 if let Some(table) = table {
                     options = options.table(table);
+                }
+                if let Some(max) = max_connections {
+                    options = options.max_connections(max);
                 }
                 let store = PostgresStore::connect_with(&url, &options)
                     .await

@@ -248,3 +248,76 @@ async fn a_postgres_outage_fails_closed_and_heals_without_duplicates() {
     })
     .await;
 }
+
+/// `?max_connections=N` sizes the Postgres store's pool: however many calls run at once,
+/// the server sees at most N connections from the store (counted by application name).
+/// Bad values are refused before anything connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_url_sizes_the_postgres_pool() {
+    use idem_postgres::sqlx;
+
+    let schema = PostgresSchema::new("pool_size");
+    let application = format!("idem_pool_{}", unique());
+    let url = format!(
+        "{}&max_connections=2&application_name={application}",
+        schema.store_url(None)
+    );
+    let store = url
+        .parse::<idem_cli::store_url::StoreUrl>()
+        .unwrap()
+        .open()
+        .await
+        .unwrap();
+    let key = |n: usize| {
+        idem_core::ScopedKey::new(
+            idem_core::Scope::anonymous(),
+            idem_core::Key::new(&format!("pool-{n}")).unwrap(),
+        )
+    };
+    let monitor = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let mut most = 0;
+    for _ in 0..5 {
+        let mut calls = tokio::task::JoinSet::new();
+        for n in 0..32 {
+            let store = Arc::clone(&store);
+            let key = key(n);
+            calls.spawn(async move { store.get(&key).await.unwrap() });
+        }
+        let calls = calls.join_all();
+        let count = async {
+            let mut most = 0;
+            for _ in 0..20 {
+                let seen: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                )
+                .bind(&application)
+                .fetch_one(&monitor)
+                .await
+                .unwrap();
+                most = most.max(seen);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            most
+        };
+        let (_, seen) = tokio::join!(calls, count);
+        most = most.max(seen);
+    }
+    assert!((1..=2).contains(&most), "{most} connections seen");
+
+    for bad in ["0", "lots", "100000"] {
+        let url = format!("{}&max_connections={bad}", schema.store_url(None));
+        let refused = url
+            .parse::<idem_cli::store_url::StoreUrl>()
+            .unwrap()
+            .open()
+            .await
+            .err()
+            .map(|error| error.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|text| text.contains("max_connections")),
+            "{bad}: {refused:?}"
+        );
+    }
+}
