@@ -11,6 +11,14 @@
 #   redis    - through `idem serve --store redis://…/?prefix=idem-bench-RANDOM` (REDIS_URL)
 #   postgres - through `idem serve --store postgres://…?table=idem_bench_RANDOM.records`
 #              (PG_URL; the schema is created before and dropped after)
+#   idempotent-proxy-server
+#            - (with redis; PEERS) the crates.io reverse proxy with an idempotency cache of
+#              that name, on the same Redis (database IPX_REDIS_DB; its keys carry no
+#              prefix of their own, but each holds this run's nonce, and exactly those are
+#              deleted at the end), forwarding to the same upstream (its URL_PAYMENTS
+#              variable); installed with `cargo install --locked` into
+#              ~/.cache/idem/bench-tools when missing (its lock file's aws-lc-sys needs
+#              cmake: installed with apt-get when missing)
 #   pgbench  - (with postgres) no HTTP: pgbench running the Postgres store's own begin and
 #              complete statements (bench/pg_begin_complete.sql), one transaction per new
 #              key, with as many clients as wrk has connections, and again with the
@@ -32,7 +40,8 @@
 # Knobs (environment): DURATION (10s), WARMUP (3s), THREADS (2), CONNECTIONS (64),
 # REPLAY_KEYS (100), PORT_BASE (38080: uses +1..+3), NGINX_WORKERS (nproc),
 # STORES ("memory redb redis postgres": the idem rows to run; drop redis or postgres when
-# no such server is at hand), REDIS_URL (redis://127.0.0.1:6379, no path or query),
+# no such server is at hand), PEERS ("idempotent-proxy-server", with redis; empty: none),
+# IPX_VERSION (1.2.2), IPX_REDIS_DB (15), BENCH_TOOLS (~/.cache/idem/bench-tools), REDIS_URL (redis://127.0.0.1:6379, no path or query),
 # PG_URL (postgres://postgres@127.0.0.1:5432/test, no query), PGBENCH_CLIENTS
 # (CONNECTIONS), PGBENCH_POOL_CLIENTS (10, the gateway's pool; empty: skip that row),
 # SKIP_BUILD (set: do not build), KEEP (set: keep the work directory with logs and wrk
@@ -54,6 +63,10 @@ REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/test}
 PGBENCH_CLIENTS=${PGBENCH_CLIENTS:-$CONNECTIONS}
 PGBENCH_POOL_CLIENTS=${PGBENCH_POOL_CLIENTS-10}
+PEERS=${PEERS-idempotent-proxy-server}
+IPX_VERSION=${IPX_VERSION:-1.2.2}
+IPX_REDIS_DB=${IPX_REDIS_DB:-15}
+BENCH_TOOLS=${BENCH_TOOLS:-$HOME/.cache/idem/bench-tools}
 
 UP_PORT=$((PORT_BASE + 1))
 NGINX_PORT=$((PORT_BASE + 2))
@@ -67,6 +80,13 @@ log() { printf '[http.sh] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 has_store() { case " $STORES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+has_peer() { case " $PEERS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+for peer in $PEERS; do
+    case $peer in
+    idempotent-proxy-server) has_store redis || die "PEERS: $peer needs redis in STORES" ;;
+    *) die "PEERS: unknown peer '$peer' (idempotent-proxy-server)" ;;
+    esac
+done
 for store in $STORES; do
     case $store in
     memory | redb | redis | postgres) ;;
@@ -82,6 +102,9 @@ seconds() {
     *) echo "$1" ;;
     esac
 }
+# How long idempotent-proxy-server keeps a response (its REQUEST_TIMEOUT, ms): past the
+# warm-up and the measured run of one workload.
+IPX_TIMEOUT_MS=$((($(seconds "$WARMUP") + $(seconds "$DURATION") + 60) * 1000))
 # The port of a store URL, or DEFAULT.
 url_port() {
     local port
@@ -132,6 +155,22 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     (cd "$ROOT" && cargo build --release --quiet -p idem-cli --bin idem --example bench-upstream)
 fi
 IDEM_BIN=$TARGET_DIR/release/idem
+IPX_BIN=$BENCH_TOOLS/bin/idempotent-proxy-server
+if has_peer idempotent-proxy-server; then
+    # It has no --version (it would start serving): cargo's install receipt tells.
+    installed=$(grep -o "idempotent-proxy-server $IPX_VERSION " "$BENCH_TOOLS/.crates.toml" 2>/dev/null || true)
+    if [ ! -x "$IPX_BIN" ] || [ -z "$installed" ]; then
+        if ! command -v cmake >/dev/null; then
+            [ "$(id -u)" = 0 ] || die "cmake is needed to build idempotent-proxy-server (aws-lc-sys): apt-get install -y cmake (as root)"
+            log "installing cmake (to build idempotent-proxy-server's aws-lc-sys)"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+        fi
+        log "installing idempotent-proxy-server $IPX_VERSION into $BENCH_TOOLS (a few minutes)"
+        nice -n 10 cargo install --quiet --locked --root "$BENCH_TOOLS" "idempotent-proxy-server@$IPX_VERSION" ||
+            die "could not install idempotent-proxy-server $IPX_VERSION"
+    fi
+fi
 UP_BIN=$TARGET_DIR/release/examples/bench-upstream
 [ -x "$IDEM_BIN" ] && [ -x "$UP_BIN" ] || die "binaries missing in $TARGET_DIR/release"
 
@@ -148,6 +187,7 @@ WORK_FS=$(findmnt -no FSTYPE -T "$WORK" 2>/dev/null || stat -f -c %T "$WORK")
 # This run's names in the shared stores: a Redis key prefix and a Postgres schema.
 RAND=$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')
 REDIS_PREFIX=idem-bench-$RAND
+IPX_REDIS_URL=${REDIS_URL%/}/$IPX_REDIS_DB
 PG_SCHEMA=idem_bench_$RAND
 PG_SCHEMA_MADE=""
 
@@ -165,6 +205,13 @@ cleanup() {
             timeout 300 xargs -r -n 1000 redis-cli -u "$REDIS_URL" del |
             awk '{ n += $1 } END { print n + 0 }') || true
         log "deleted ${deleted:-no} Redis keys under $REDIS_PREFIX:"
+    fi
+    if has_peer idempotent-proxy-server; then
+        # Its keys are "ANON:POST:<Idempotency-Key>", and every key this run sent holds NONCE.
+        deleted=$(timeout 300 redis-cli -u "$IPX_REDIS_URL" --scan --pattern "ANON:POST:*-$NONCE-*" |
+            timeout 300 xargs -r -n 1000 redis-cli -u "$IPX_REDIS_URL" del |
+            awk '{ n += $1 } END { print n + 0 }') || true
+        log "deleted ${deleted:-no} idempotent-proxy-server keys (database $IPX_REDIS_DB) of this run"
     fi
     if [ -n "${KEEP:-}" ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
@@ -282,13 +329,15 @@ server_ticks() {
 
 store_ticks() {
     case $1 in
-    redis) server_ticks "$REDIS_PID" ;;
+    redis | ipx) server_ticks "$REDIS_PID" ;;
     postgres | pgbench*) server_ticks "$PG_PID" ;;
     *) echo - ;;
     esac
 }
 
-# Calls into the store so far. Redis: EVALSHA calls (every store operation is one script).
+# Calls into the store so far. Redis: EVALSHA calls (every store operation is one script);
+# for idempotent-proxy-server, its SET, GET and DEL commands (of the whole server: other
+# clients' commands of those kinds count too).
 # Postgres: committed transactions in the database (every store statement is one). A busy
 # backend reports them at most once a second, an idle one 10 s later, an ending one at
 # once: hence counting from before a proxy starts to after it stopped, after a pause for
@@ -298,6 +347,11 @@ store_calls() {
     redis)
         redis-cli -u "$REDIS_URL" info commandstats | tr -d '\r' |
             awk -F'[=,:]' '$1 == "cmdstat_evalsha" { n = $3 } END { print n + 0 }'
+        ;;
+    ipx)
+        # idempotent-proxy-server: SET NX (claim), SET XX (store), GET (replay, poll), DEL.
+        redis-cli -u "$REDIS_URL" info commandstats | tr -d '\r' |
+            awk -F'[=,:]' '$1 == "cmdstat_set" || $1 == "cmdstat_get" || $1 == "cmdstat_del" { n += $3 } END { print n + 0 }'
         ;;
     postgres | pgbench*)
         sleep 1.2
@@ -397,6 +451,22 @@ start_proxy() {
         wait_port "$IDEM_PORT" "$pid" "$WORK/idem-$target-$workload.log"
         PROXY_PIDS=("$pid")
         ;;
+    ipx)
+        # It reads its settings from the environment and insists on a .env file in its
+        # working directory (an empty one here). REQUEST_TIMEOUT (ms) is also how long it
+        # keeps a response (10 s by default): set past the warm-up and the run, so that
+        # replays stay replays. Logging stays at its default (info: a JSON line per
+        # request, as idem logs one per keyed request).
+        mkdir -p "$WORK/ipx"
+        : >"$WORK/ipx/.env"
+        (cd "$WORK/ipx" && exec env SERVER_ADDR="127.0.0.1:$IDEM_PORT" REDIS_URL="$IPX_REDIS_URL" \
+            URL_PAYMENTS="$UPSTREAM$REQ_PATH" REQUEST_TIMEOUT="$IPX_TIMEOUT_MS" \
+            "$IPX_BIN") >"$WORK/ipx-$workload.log" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_port "$IDEM_PORT" "$pid" "$WORK/ipx-$workload.log"
+        PROXY_PIDS=("$pid")
+        ;;
     esac
     PROXY_PID=$pid
 }
@@ -405,6 +475,8 @@ url_for() {
     case $1 in
     direct) echo "$UPSTREAM$REQ_PATH" ;;
     nginx) echo "http://127.0.0.1:$NGINX_PORT$REQ_PATH" ;;
+    # It forwards /URL_NAME to the URL in its URL_NAME variable.
+    ipx) echo "http://127.0.0.1:$IDEM_PORT/URL_PAYMENTS" ;;
     *) echo "http://127.0.0.1:$IDEM_PORT$REQ_PATH" ;;
     esac
 }
@@ -478,6 +550,16 @@ measure() {
                 -H "Idempotency-Key: r-$nonce-1" --data-binary "$BODY" "$url" |
                 grep -qi '^idempotent-replayed: true' || die "$target does not replay r-$nonce-1"
             ;;
+        ipx)
+            # No replay header: a replay is an answer that did not reach the upstream. Each
+            # of its operations is two Redis commands (SET NX, then SET XX or GET).
+            seeded=$((seeded + 2))
+            local before
+            before=$(upstream_posts)
+            curl -s -o /dev/null -H 'Content-Type: application/json' \
+                -H "Idempotency-Key: r-$nonce-1" --data-binary "$BODY" "$url"
+            [ "$(upstream_posts)" = "$before" ] || die "$target does not replay r-$nonce-1"
+            ;;
         esac
         args_w=("$nonce" "$REPLAY_KEYS")
         args_m=("$nonce" "$REPLAY_KEYS")
@@ -490,7 +572,7 @@ measure() {
     # measured run.
     local store_port="" segs=- warm
     case $target in
-    redis) store_port=$REDIS_PORT ;;
+    redis | ipx) store_port=$REDIS_PORT ;;
     postgres) store_port=$PG_PORT ;;
     esac
     [ -n "$store_port" ] && store_segs "$store_port" "${PROXY_PIDS[@]}" >"$WORK/segs0.txt"
@@ -602,6 +684,7 @@ RUNS=(new:direct new:nginx)
 for store in memory redb redis postgres; do
     has_store "$store" || continue
     RUNS+=("new:$store")
+    [ "$store" = redis ] && has_peer idempotent-proxy-server && RUNS+=(new:ipx)
     if [ "$store" = postgres ]; then
         RUNS+=("pgbench:$PGBENCH_CLIENTS")
         [ -n "$PGBENCH_POOL_CLIENTS" ] && [ "$PGBENCH_POOL_CLIENTS" != "$PGBENCH_CLIENTS" ] &&
@@ -612,6 +695,7 @@ has_store memory && RUNS+=(nokey:memory)
 RUNS+=(replay:direct replay:nginx)
 for store in memory redb redis postgres; do
     has_store "$store" && RUNS+=("replay:$store")
+    [ "$store" = redis ] && has_peer idempotent-proxy-server && RUNS+=(replay:ipx)
 done
 for run in "${RUNS[@]}"; do
     case $run in
@@ -658,7 +742,8 @@ REPORT=$(
         name["direct"] = "direct"; name["nginx"] = "nginx"
         name["memory"] = "idem memory:"; name["redb"] = "idem redb:"
         name["redis"] = "idem redis://"; name["postgres"] = "idem postgres://"
-        printf "wrk -t%s -c%s -d%s --latency; replays cycle over %s keys; \"no key\" rows are compared with the new-key rows of direct and nginx (same POSTs, with a key). \"pgbench\" rows: no HTTP, pgbench running the Postgres store'"'"'s begin and complete statements, one transaction (= one new key) each, with N clients (req/s = transactions/s, latencies per transaction, its CPU in the wrk slot). \"CPU µs/req\": CPU time (user + system) per request of wrk, the proxy and the upstream; \"store CPU\": of the Redis or Postgres server (all its processes). \"store calls / writes\": per request, calls into the store (Redis: EVALSHA calls; Postgres: committed transactions in the database, each store statement being one; over the warm-up and the measured run, less the seeding of replay keys) and TCP data segments the proxy sent to the store over the measured run (a segment can carry several pipelined calls; sqlx also pings a connection as it returns to the pool). \"irq\": interrupt and softirq time, \"kthreads\": kernel threads (ksoftirqd carrying loopback TCP, jbd2 and kworkers doing fsync), \"other\": every other process on the machine (a disturbance: should be near 0%%); each a share of all cores during the run.\n\n", threads, conns, dur, keys
+        name["ipx"] = "idempotent-proxy-server (Redis)"
+        printf "wrk -t%s -c%s -d%s --latency; replays cycle over %s keys; \"no key\" rows are compared with the new-key rows of direct and nginx (same POSTs, with a key). \"pgbench\" rows: no HTTP, pgbench running the Postgres store'"'"'s begin and complete statements, one transaction (= one new key) each, with N clients (req/s = transactions/s, latencies per transaction, its CPU in the wrk slot). \"CPU µs/req\": CPU time (user + system) per request of wrk, the proxy and the upstream; \"store CPU\": of the Redis or Postgres server (all its processes). \"store calls / writes\": per request, calls into the store (Redis: EVALSHA calls, and for idempotent-proxy-server its SET, GET and DEL commands; Postgres: committed transactions in the database, each store statement being one; over the warm-up and the measured run, less the seeding of replay keys) and TCP data segments the proxy sent to the store over the measured run (a segment can carry several pipelined calls; sqlx also pings a connection as it returns to the pool). \"irq\": interrupt and softirq time, \"kthreads\": kernel threads (ksoftirqd carrying loopback TCP, jbd2 and kworkers doing fsync), \"other\": every other process on the machine (a disturbance: should be near 0%%); each a share of all cores during the run.\n\n", threads, conns, dur, keys
         print "| workload | path | req/s | p50 | p99 | ÷ direct | ÷ nginx | peak RSS | CPU µs/req wrk / proxy / upstream | store CPU µs/req | store calls / writes per req | irq | kthreads | other | upstream POSTs | errors |"
         print "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         for (i = 1; i <= rows; i++) {
@@ -685,6 +770,7 @@ REPORT=$(
         target("new keys, idem memory: ÷ nginx", "new" SUBSEP "memory", "new" SUBSEP "nginx", 1.0)
         target("new keys, idem redb: ÷ nginx", "new" SUBSEP "redb", "new" SUBSEP "nginx", 0.8)
         target("new keys, idem redis:// ÷ nginx", "new" SUBSEP "redis", "new" SUBSEP "nginx", 0.6)
+        target("new keys, idem redis:// ÷ idempotent-proxy-server (same Redis)", "new" SUBSEP "redis", "new" SUBSEP "ipx", 2.5)
         target("new keys, idem postgres:// ÷ pgbench -c " pgc " (same statements)", "new" SUBSEP "postgres", "new" SUBSEP "pgbench-" pgc, 0.8)
         target("replays, idem memory: ÷ nginx", "replay" SUBSEP "memory", "replay" SUBSEP "nginx", 1.5)
         target("replays, idem redb: ÷ nginx", "replay" SUBSEP "redb", "replay" SUBSEP "nginx", 1.5)
@@ -699,6 +785,8 @@ REPORT=$(
 STORES_INFO=""
 if has_store redis; then
     STORES_INFO="$STORES_INFO Redis $(redis-cli -u "$REDIS_URL" info server | tr -d '\r' | sed -n 's/^redis_version://p') at $REDIS_URL (appendonly $(redis-cli -u "$REDIS_URL" config get appendonly | tr -d '\r' | tail -1), appendfsync $(redis-cli -u "$REDIS_URL" config get appendfsync | tr -d '\r' | tail -1); the gateway's pool: 4 connections);"
+    has_peer idempotent-proxy-server &&
+        STORES_INFO="$STORES_INFO idempotent-proxy-server $IPX_VERSION on the same Redis (database $IPX_REDIS_DB; its pool: up to 10 connections; REQUEST_TIMEOUT=$IPX_TIMEOUT_MS ms, which is also how long it keeps a response; logging at its default, info);"
 fi
 if has_store postgres; then
     STORES_INFO="$STORES_INFO Postgres $(psql "$PG_URL" -XAtqc 'SHOW server_version' | cut -d' ' -f1) at ${PG_URL%%\?*} (synchronous_commit $(psql "$PG_URL" -XAtqc 'SHOW synchronous_commit'), fsync $(psql "$PG_URL" -XAtqc 'SHOW fsync'); the gateway's pool: 10 connections), pgbench $("$PGBENCH" --version | awk '{ print $3 }');"
