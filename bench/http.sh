@@ -38,7 +38,7 @@
 # that workload's. Loopback only; every step is bounded; a trap stops what it started.
 #
 # Knobs (environment): DURATION (10s), WARMUP (3s), THREADS (2), CONNECTIONS (64),
-# REPLAY_KEYS (100), PORT_BASE (38080: uses +1..+3), NGINX_WORKERS (nproc),
+# REPLAY_KEYS (100), PORT_BASE (38080: uses +1..+4), NGINX_WORKERS (nproc),
 # STORES ("memory redb redis postgres": the idem rows to run; drop redis or postgres when
 # no such server is at hand), PEERS ("idempotent-proxy-server", with redis; empty: none),
 # IPX_VERSION (1.2.2), IPX_REDIS_DB (15), BENCH_TOOLS (~/.cache/idem/bench-tools), REDIS_URL (redis://127.0.0.1:6379, no path or query),
@@ -71,6 +71,9 @@ BENCH_TOOLS=${BENCH_TOOLS:-$HOME/.cache/idem/bench-tools}
 UP_PORT=$((PORT_BASE + 1))
 NGINX_PORT=$((PORT_BASE + 2))
 IDEM_PORT=$((PORT_BASE + 3))
+# idem serve's metrics listener: its default (127.0.0.1:9090) would collide with any other
+# gateway on the machine, a concurrent run of this script included.
+ADMIN_PORT=$((PORT_BASE + 4))
 UPSTREAM=http://127.0.0.1:$UP_PORT
 REQ_PATH=/payments
 CLK_TCK=$(getconf CLK_TCK)
@@ -376,7 +379,7 @@ store_segs() {
 }
 segs_delta() { awk 'NR == FNR { before[$1] = $2; next } { n += $2 - before[$1] } END { print n + 0 }' "$1" "$2"; }
 
-for port in "$UP_PORT" "$NGINX_PORT" "$IDEM_PORT"; do
+for port in "$UP_PORT" "$NGINX_PORT" "$IDEM_PORT" "$ADMIN_PORT"; do
     port_busy "$port" && die "port $port is in use; set PORT_BASE"
 done
 
@@ -445,7 +448,7 @@ start_proxy() {
         postgres) store=$PG_URL?table=$PG_SCHEMA.records ;;
         esac
         "$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "$UPSTREAM" \
-            --store "$store" >"$WORK/idem-$target-$workload.log" 2>&1 &
+            --admin-listen "127.0.0.1:$ADMIN_PORT" --store "$store" >"$WORK/idem-$target-$workload.log" 2>&1 &
         pid=$!
         PIDS+=("$pid")
         wait_port "$IDEM_PORT" "$pid" "$WORK/idem-$target-$workload.log"
