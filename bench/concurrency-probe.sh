@@ -24,7 +24,7 @@
 # (the layer targets count runs in the app's own handler).
 #
 # Knobs: N (256), DELAYS ("0 500"), TARGETS (all of the above), PORT_BASE (38110: uses
-# +1..+3), REDIS_URL (redis://127.0.0.1:6379), IPX_REDIS_DB (15), IPX_VERSION (1.2.2),
+# +1, +2), REDIS_URL (redis://127.0.0.1:6379), IPX_REDIS_DB (15), IPX_VERSION (1.2.2),
 # BENCH_TOOLS (~/.cache/idem/bench-tools), SKIP_BUILD, KEEP, OUT
 # (target/bench-probe/results.md). idempotent-proxy-server is installed as bench/http.sh
 # does (cargo install --locked into BENCH_TOOLS) when missing. The Redis keys this run
@@ -44,8 +44,6 @@ BENCH_TOOLS=${BENCH_TOOLS:-$HOME/.cache/idem/bench-tools}
 OUT=${OUT:-$TARGET_DIR/bench-probe/results.md}
 UP_PORT=$((PORT_BASE + 1))
 PX_PORT=$((PORT_BASE + 2))
-# idem serve's metrics listener (its default, 127.0.0.1:9090, may be taken by another gateway).
-ADMIN_PORT=$((PORT_BASE + 3))
 NONCE=$(date +%s)-$$
 RAND=$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')
 REDIS_PREFIX=idem-probe-$RAND
@@ -130,7 +128,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$UP_PORT" "$PX_PORT" "$ADMIN_PORT"; do port_busy "$port" && die "port $port is in use; set PORT_BASE"; done
+for port in "$UP_PORT" "$PX_PORT"; do port_busy "$port" && die "port $port is in use; set PORT_BASE"; done
 
 # Starts a command in the background, logging to FILE, and waits for PORT.
 start() {
@@ -167,7 +165,7 @@ for delay in $DELAYS; do
                 store=memory:
                 [ "$target" = idem-redis ] && store=${REDIS_URL%/}/?prefix=$REDIS_PREFIX
                 start "$PX_PORT" "$WORK/$target-$delay.log" "$IDEM_BIN" serve --listen "127.0.0.1:$PX_PORT" \
-                    --upstream "http://127.0.0.1:$UP_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --store "$store"
+                    --upstream "http://127.0.0.1:$UP_PORT" --admin-listen off --store "$store"
                 url=http://127.0.0.1:$PX_PORT/payments
                 ;;
             idempotent-proxy-server)

@@ -38,9 +38,9 @@
 # that workload's. Loopback only; every step is bounded; a trap stops what it started.
 #
 # Knobs (environment): DURATION (10s), WARMUP (3s), THREADS (2), CONNECTIONS (64),
-# REPLAY_KEYS (100), PORT_BASE (38080: uses +1..+4), NGINX_WORKERS (nproc),
+# REPLAY_KEYS (100), PORT_BASE (38080: uses +1..+3), NGINX_WORKERS (nproc),
 # STORES ("memory redb redis postgres": the idem rows to run; drop redis or postgres when
-# no such server is at hand), PEERS ("idempotent-proxy-server", with redis; empty: none),
+# no such server is at hand), PEERS ("idempotent-proxy-server" when redis is in STORES; empty: none),
 # IPX_VERSION (1.2.2), IPX_REDIS_DB (15), BENCH_TOOLS (~/.cache/idem/bench-tools), REDIS_URL (redis://127.0.0.1:6379, no path or query),
 # PG_URL (postgres://postgres@127.0.0.1:5432/test, no query), PGBENCH_CLIENTS
 # (CONNECTIONS), PGBENCH_POOL_CLIENTS (10, the gateway's pool; empty: skip that row),
@@ -63,7 +63,6 @@ REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/test}
 PGBENCH_CLIENTS=${PGBENCH_CLIENTS:-$CONNECTIONS}
 PGBENCH_POOL_CLIENTS=${PGBENCH_POOL_CLIENTS-10}
-PEERS=${PEERS-idempotent-proxy-server}
 IPX_VERSION=${IPX_VERSION:-1.2.2}
 IPX_REDIS_DB=${IPX_REDIS_DB:-15}
 BENCH_TOOLS=${BENCH_TOOLS:-$HOME/.cache/idem/bench-tools}
@@ -71,9 +70,6 @@ BENCH_TOOLS=${BENCH_TOOLS:-$HOME/.cache/idem/bench-tools}
 UP_PORT=$((PORT_BASE + 1))
 NGINX_PORT=$((PORT_BASE + 2))
 IDEM_PORT=$((PORT_BASE + 3))
-# idem serve's metrics listener: its default (127.0.0.1:9090) would collide with any other
-# gateway on the machine, a concurrent run of this script included.
-ADMIN_PORT=$((PORT_BASE + 4))
 UPSTREAM=http://127.0.0.1:$UP_PORT
 REQ_PATH=/payments
 CLK_TCK=$(getconf CLK_TCK)
@@ -83,6 +79,11 @@ log() { printf '[http.sh] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 has_store() { case " $STORES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# The peers run by default wherever their store does (idempotent-proxy-server: Redis).
+if [ -z "${PEERS+set}" ]; then
+    PEERS=""
+    has_store redis && PEERS=idempotent-proxy-server
+fi
 has_peer() { case " $PEERS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for peer in $PEERS; do
     case $peer in
@@ -379,7 +380,7 @@ store_segs() {
 }
 segs_delta() { awk 'NR == FNR { before[$1] = $2; next } { n += $2 - before[$1] } END { print n + 0 }' "$1" "$2"; }
 
-for port in "$UP_PORT" "$NGINX_PORT" "$IDEM_PORT" "$ADMIN_PORT"; do
+for port in "$UP_PORT" "$NGINX_PORT" "$IDEM_PORT"; do
     port_busy "$port" && die "port $port is in use; set PORT_BASE"
 done
 
@@ -447,8 +448,10 @@ start_proxy() {
         redis) store=${REDIS_URL%/}/?prefix=$REDIS_PREFIX ;;
         postgres) store=$PG_URL?table=$PG_SCHEMA.records ;;
         esac
+        # No metrics listener: its default port (9090) may be another gateway's on this
+        # machine, and any fixed one can be an outgoing connection's ephemeral port.
         "$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "$UPSTREAM" \
-            --admin-listen "127.0.0.1:$ADMIN_PORT" --store "$store" >"$WORK/idem-$target-$workload.log" 2>&1 &
+            --admin-listen off --store "$store" >"$WORK/idem-$target-$workload.log" 2>&1 &
         pid=$!
         PIDS+=("$pid")
         wait_port "$IDEM_PORT" "$pid" "$WORK/idem-$target-$workload.log"
