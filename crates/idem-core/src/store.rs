@@ -55,6 +55,17 @@ pub enum StoreError {
         /// The deadline that passed.
         after: Duration,
     },
+    /// The store holds as much as it is allowed to (a configured capacity, such as the
+    /// memory store's [`MemoryLimits`](crate::MemoryLimits)) and refuses to claim a new key
+    /// until records expire or are released or deleted. Nothing was written, and no record
+    /// was evicted: keys the store holds still replay, complete, renew and release.
+    #[error("the store is full (at most {limit} {resource}); a new key cannot be claimed now")]
+    Full {
+        /// What ran out: `"records"` or `"bytes"`.
+        resource: &'static str,
+        /// The configured maximum of `resource`.
+        limit: u64,
+    },
     /// This store cannot do `operation` (for instance list records, which a store keyed
     /// only by digests cannot). Nothing was read or written.
     #[error("this store cannot {operation}")]
