@@ -35,6 +35,7 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// | [`OutcomeUnknown`](Self::OutcomeUnknown) | 502, stored | `…outcome-unknown` |
 /// | [`UpstreamTimeout`](Self::UpstreamTimeout) | 504, stored | `…upstream-timeout` |
 /// | [`StoreUnavailable`](Self::StoreUnavailable) | 503 + `Retry-After` | `…store-unavailable` |
+/// | [`StoreUnavailable`](Self::StoreUnavailable) with [`StoreError::Full`] | 503 + `Retry-After` | `…store-full` |
 /// | [`Overloaded`](Self::Overloaded) | 503 + `Retry-After` | `…overloaded` |
 /// | [`BodyTimeout`](Self::BodyTimeout) | 408 | `…body-timeout` |
 /// | [`AmbiguousPath`](Self::AmbiguousPath) | 400 | `…ambiguous-path` |
@@ -110,8 +111,9 @@ pub enum IdempotencyError {
         #[source]
         source: BoxError,
     },
-    /// The store could not be reached; nothing was run.
-    #[error("the idempotency store is unavailable; nothing was run, retry later")]
+    /// The store could not be reached, or (with [`StoreError::Full`]) is full and claims
+    /// no new key; nothing was run.
+    #[error("{}", store_detail(source))]
     StoreUnavailable {
         /// The store's error.
         #[source]
@@ -187,6 +189,23 @@ pub enum IdempotencyError {
 /// The `Retry-After` sent with a `503` for an unavailable store.
 pub(crate) const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// The `Retry-After` sent with a `503` for a full store: room comes back only as records
+/// expire or are released, so an immediate retry would most likely be refused again.
+pub(crate) const STORE_FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+fn store_full(source: &StoreError) -> bool {
+    matches!(source, StoreError::Full { .. })
+}
+
+fn store_detail(source: &StoreError) -> &'static str {
+    if store_full(source) {
+        "the idempotency store is full and takes no new keys until records expire; \
+         nothing was run, retry later"
+    } else {
+        "the idempotency store is unavailable; nothing was run, retry later"
+    }
+}
+
 impl IdempotencyError {
     /// The HTTP status of the answer.
     pub fn status(&self) -> StatusCode {
@@ -218,6 +237,7 @@ impl IdempotencyError {
             Self::Mismatch => "mismatch",
             Self::InFlight { .. } => "in-flight",
             Self::BodyTooLarge { .. } => "body-too-large",
+            Self::StoreUnavailable { source } if store_full(source) => "store-full",
             Self::StoreUnavailable { .. } => "store-unavailable",
             Self::UpstreamUnavailable { .. } => "upstream-unavailable",
             Self::ResponseNotKept { .. } => "response-not-kept",
@@ -246,6 +266,7 @@ impl IdempotencyError {
             Self::Mismatch => "Idempotency key reused for a different request",
             Self::InFlight { .. } => "Request with this idempotency key in progress",
             Self::BodyTooLarge { .. } => "Request body too large",
+            Self::StoreUnavailable { source } if store_full(source) => "Idempotency store full",
             Self::StoreUnavailable { .. } => "Idempotency store unavailable",
             Self::UpstreamUnavailable { .. } => "Upstream unavailable",
             Self::ResponseNotKept { .. } => "Response not kept",
@@ -262,6 +283,7 @@ impl IdempotencyError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::InFlight { retry_after } => Some(*retry_after),
+            Self::StoreUnavailable { source } if store_full(source) => Some(STORE_FULL_RETRY_AFTER),
             Self::StoreUnavailable { .. } => Some(STORE_RETRY_AFTER),
             Self::Overloaded { retry_after } => Some(*retry_after),
             _ => None,
@@ -387,5 +409,26 @@ mod tests {
         assert_eq!(response.headers()[RETRY_AFTER], "1");
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert!(body.get("original_status").is_none());
+        assert_eq!(
+            body["type"],
+            "tag:idem.invalid,2026:problem:store-unavailable"
+        );
+    }
+
+    #[test]
+    fn a_full_store_is_a_503_of_its_own_type() {
+        let error = IdempotencyError::StoreUnavailable {
+            source: StoreError::Full {
+                resource: "records",
+                limit: 10,
+            },
+        };
+        let response = error.to_response(crate::DEFAULT_PROBLEM_TYPE_BASE);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "5");
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["type"], "tag:idem.invalid,2026:problem:store-full");
+        assert_eq!(body["title"], "Idempotency store full");
+        assert!(body["detail"].as_str().unwrap().contains("is full"));
     }
 }
