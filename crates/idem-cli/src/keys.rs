@@ -272,7 +272,7 @@ pub fn main(args: &KeysArgs) -> ExitCode {
         Ok(url) => url,
         Err(error) => return fail(error.to_string()),
     };
-    if url == StoreUrl::Memory {
+    if matches!(url, StoreUrl::Memory(_)) {
         return fail("memory: holds nothing outside the process that made it".into());
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use idem_core::SystemClock;
 use idem_core::{
-    Begin, Fingerprint, Lease, MemoryStore, Record, ScopedKey, Store, StoreError, Stored, Token,
+    Begin, Fingerprint, Lease, MemoryLimits, MemoryStore, Record, ScopedKey, Store, StoreError,
+    Stored, Token,
 };
 use idem_postgres::{PostgresOptions, PostgresStore};
 use idem_redb::{RedbOptions, RedbStore};
@@ -20,7 +21,16 @@ use crate::tls::{TlsError, TlsFiles};
 /// ```
 /// use idem_cli::store_url::StoreUrl;
 ///
-/// assert_eq!("memory:".parse::<StoreUrl>().unwrap(), StoreUrl::Memory);
+/// use idem_core::MemoryLimits;
+///
+/// assert_eq!(
+///     "memory:".parse::<StoreUrl>().unwrap(),
+///     StoreUrl::Memory(MemoryLimits::default())
+/// );
+/// assert_eq!(
+///     "memory:?max_records=100000".parse::<StoreUrl>().unwrap(),
+///     StoreUrl::Memory(MemoryLimits::default().max_records(100_000))
+/// );
 /// assert_eq!(
 ///     "redb:data/idem.redb".parse::<StoreUrl>().unwrap(),
 ///     StoreUrl::Redb("data/idem.redb".into())
@@ -33,8 +43,11 @@ use crate::tls::{TlsError, TlsFiles};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
-    /// `memory:`: in this process only; gone on restart.
-    Memory,
+    /// `memory:`: in this process only; gone on restart. `?max_records=N` and
+    /// `?max_bytes=N` (also with a `KiB`, `MiB` or `GiB` suffix) cap what it holds (default:
+    /// no record limit, 32 MiB); a full store refuses new keys with `503`, it never evicts
+    /// a record (see [`MemoryLimits`]).
+    Memory(MemoryLimits),
     /// `redb:PATH`: the embedded durable store in the file at PATH (created if absent).
     Redb(PathBuf),
     /// `redis://[user:pass@]host[:port][/db]` (one node) or
@@ -63,6 +76,12 @@ pub enum StoreUrlError {
          `postgres://user@host/db`"
     )]
     Unknown(String),
+    /// A `memory:` setting that is unknown or not a number.
+    #[error(
+        "`{0}` is not a memory store URL; use `memory:`, or e.g. \
+         `memory:?max_records=100000&max_bytes=64MiB`"
+    )]
+    Memory(String),
     /// `redb:` without a path.
     #[error("`{0}` names no file; use `redb:PATH`, e.g. `redb:idem.redb`")]
     NoPath(String),
@@ -128,8 +147,14 @@ impl std::str::FromStr for StoreUrl {
     type Err = StoreUrlError;
 
     fn from_str(url: &str) -> Result<Self, StoreUrlError> {
-        if matches!(url, "memory" | "memory:" | "memory://") {
-            return Ok(Self::Memory);
+        if let Some(settings) = ["memory://", "memory:", "memory"]
+            .iter()
+            .find_map(|scheme| url.strip_prefix(scheme))
+            .filter(|rest| rest.is_empty() || rest.starts_with('?'))
+        {
+            return memory_limits(settings)
+                .map(Self::Memory)
+                .ok_or_else(|| StoreUrlError::Memory(url.to_owned()));
         }
         if [
             "redis://",
@@ -159,7 +184,18 @@ impl std::str::FromStr for StoreUrl {
 impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Memory => f.write_str("memory:"),
+            Self::Memory(limits) => {
+                f.write_str("memory:")?;
+                let mut separator = '?';
+                if limits.records() != usize::MAX {
+                    write!(f, "{separator}max_records={}", limits.records())?;
+                    separator = '&';
+                }
+                if limits.bytes() != MemoryLimits::default().bytes() {
+                    write!(f, "{separator}max_bytes={}", limits.bytes())?;
+                }
+                Ok(())
+            }
             Self::Redb(path) => write!(f, "redb:{}", path.display()),
             Self::Redis(url) | Self::Postgres(url) => f.write_str(&redact(url)),
         }
@@ -171,8 +207,8 @@ impl StoreUrl {
     /// timeout). Call it inside a tokio runtime: the memory store's sweeper is a task.
     pub async fn open(&self) -> Result<Arc<dyn Store>, StoreUrlError> {
         Ok(match self {
-            Self::Memory => {
-                let store = Arc::new(MemoryStore::new());
+            Self::Memory(limits) => {
+                let store = Arc::new(MemoryStore::with_limits(*limits));
                 let sweeper =
                     idem_core::spawn_sweeper(Arc::clone(&store), Duration::from_secs(1), 1024);
                 Arc::new(Swept::new(store, sweeper))
@@ -309,6 +345,33 @@ impl Store for Swept {
     }
 }
 
+/// The limits in a `memory:` URL's query (`?max_records=N&max_bytes=N`), or `None` if a
+/// setting is unknown or unreadable.
+fn memory_limits(query: &str) -> Option<MemoryLimits> {
+    let mut limits = MemoryLimits::default();
+    for pair in query.trim_start_matches('?').split('&') {
+        if pair.is_empty() {
+            continue;
+        }
+        let (name, value) = pair.split_once('=')?;
+        limits = match name {
+            "max_records" => limits.max_records(value.parse().ok()?),
+            "max_bytes" => limits.max_bytes(byte_size(value)?),
+            _ => return None,
+        };
+    }
+    Some(limits)
+}
+
+/// `N`, `NKiB`, `NMiB` or `NGiB`.
+fn byte_size(value: &str) -> Option<usize> {
+    let (number, unit) = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)]
+        .into_iter()
+        .find_map(|(suffix, unit)| value.strip_suffix(suffix).map(|n| (n, unit)))
+        .unwrap_or((value, 1));
+    number.parse::<usize>().ok()?.checked_mul(unit)
+}
+
 /// The URL with any password replaced, for logs and `--check`.
 fn redact(url: &str) -> String {
     match url.split_once("://") {
@@ -372,7 +435,38 @@ fn gateway_redb_options() -> RedbOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::take_param;
+    use super::*;
+
+    #[test]
+    fn memory_urls_carry_their_limits() {
+        let parse = |url: &str| url.parse::<StoreUrl>().map_err(|e| e.to_string());
+        let defaults = MemoryLimits::default();
+        for url in ["memory", "memory:", "memory://", "memory:?"] {
+            assert_eq!(parse(url).unwrap(), StoreUrl::Memory(defaults), "{url}");
+        }
+        assert_eq!(
+            parse("memory:?max_records=10&max_bytes=64MiB").unwrap(),
+            StoreUrl::Memory(defaults.max_records(10).max_bytes(64 << 20))
+        );
+        assert_eq!(
+            parse("memory://?max_bytes=4096").unwrap(),
+            StoreUrl::Memory(defaults.max_bytes(4096))
+        );
+        for bad in [
+            "memory:?max_records=ten",
+            "memory:?max_bytes=1TiB",
+            "memory:?max_bytes=99999999999GiB",
+            "memory:?size=1",
+            "memory:?max_records",
+            "memoryless:",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} was accepted");
+        }
+        let url = parse("memory:?max_bytes=1KiB&max_records=5").unwrap();
+        assert_eq!(url.to_string(), "memory:?max_records=5&max_bytes=1024");
+        assert_eq!(parse(&url.to_string()).unwrap(), url);
+        assert_eq!(parse("memory:").unwrap().to_string(), "memory:");
+    }
 
     #[test]
     fn idem_parameters_are_taken_out_of_the_url() {
