@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Resident memory of `idem serve --store memory:` under a stream of new keys, run by hand:
+#
+#   bash bench/memory_rss.sh
+#
+# Starts the bench upstream (crates/idem-cli/examples/bench-upstream.rs) and the gateway,
+# drives `wrk -t$THREADS -c$CONNECTIONS -d$DURATION` with bench/new_keys.lua (a POST with a
+# fresh Idempotency-Key each), samples the gateway's VmRSS every $EVERY seconds, and prints
+# one line per sample and a summary: requests, answers that were not 2xx (a full store's
+# 503s), p50/p99, and peak RSS (VmHWM).
+#
+# Knobs (environment): DURATION (60s), THREADS (2), CONNECTIONS (64), EVERY (5),
+# STORE (memory:), PORT_BASE (38180: uses +1, +3), IDEM_BIN and UP_BIN (the release
+# binaries under the target dir; SKIP_BUILD=1 to use them as they are).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+DURATION=${DURATION:-60s}
+THREADS=${THREADS:-2}
+CONNECTIONS=${CONNECTIONS:-64}
+EVERY=${EVERY:-5}
+STORE=${STORE:-memory:}
+PORT_BASE=${PORT_BASE:-38180}
+IDEM_BIN=${IDEM_BIN:-$TARGET_DIR/release/idem}
+UP_BIN=${UP_BIN:-$TARGET_DIR/release/examples/bench-upstream}
+UP_PORT=$((PORT_BASE + 1))
+IDEM_PORT=$((PORT_BASE + 3))
+
+log() { printf '[memory_rss.sh] %s\n' "$*" >&2; }
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    log "building (release)"
+    (cd "$ROOT" && cargo build --release --quiet -p idem-cli --bin idem --example bench-upstream)
+fi
+[ -x "$IDEM_BIN" ] && [ -x "$UP_BIN" ] || { log "binaries missing: $IDEM_BIN $UP_BIN"; exit 1; }
+command -v wrk >/dev/null || { log "wrk not found"; exit 1; }
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_port() {
+    local i
+    for i in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    log "nothing listens on port $1"
+    exit 1
+}
+kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+"$UP_BIN" "127.0.0.1:$UP_PORT" >"$WORK/upstream.log" 2>&1 &
+PIDS+=($!)
+wait_port "$UP_PORT"
+"$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "http://127.0.0.1:$UP_PORT" \
+    --store "$STORE" >"$WORK/idem.log" 2>&1 &
+IDEM_PID=$!
+PIDS+=("$IDEM_PID")
+wait_port "$IDEM_PORT"
+log "gateway $IDEM_PID on $STORE, start RSS $(kib "$IDEM_PID" VmRSS) KiB"
+
+wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$ROOT/bench/new_keys.lua" \
+    "http://127.0.0.1:$IDEM_PORT/payments" -- "rss-$$" >"$WORK/wrk.out" 2>&1 &
+WRK_PID=$!
+start=$(date +%s)
+while kill -0 "$WRK_PID" 2>/dev/null; do
+    sleep "$EVERY"
+    kill -0 "$WRK_PID" 2>/dev/null || break
+    printf 't=%3ss  VmRSS %6.1f MiB\n' "$(($(date +%s) - start))" \
+        "$(awk -v k="$(kib "$IDEM_PID" VmRSS)" 'BEGIN { print k / 1024 }')"
+done
+wait "$WRK_PID" || true
+result=$(grep '^RESULT' "$WORK/wrk.out" || true)
+[ -n "$result" ] || { log "wrk failed:"; cat "$WORK/wrk.out" >&2; exit 1; }
+field() { sed -n "s/.*$1=\([0-9]*\).*/\1/p" <<<"$result"; }
+printf 'store %s, %s: %s requests (%s not 2xx), p50 %.2f ms, p99 %.2f ms, peak RSS %.1f MiB, end RSS %.1f MiB\n' \
+    "$STORE" "$DURATION" "$(field requests)" "$(field status_errors)" \
+    "$(awk -v u="$(field p50_us)" 'BEGIN { print u / 1000 }')" \
+    "$(awk -v u="$(field p99_us)" 'BEGIN { print u / 1000 }')" \
+    "$(awk -v k="$(kib "$IDEM_PID" VmHWM)" 'BEGIN { print k / 1024 }')" \
+    "$(awk -v k="$(kib "$IDEM_PID" VmRSS)" 'BEGIN { print k / 1024 }')"
