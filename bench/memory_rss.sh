@@ -10,7 +10,7 @@
 # 503s), p50/p99, and peak RSS (VmHWM).
 #
 # Knobs (environment): DURATION (60s), THREADS (2), CONNECTIONS (64), EVERY (5),
-# STORE (memory:), PORT_BASE (38180: uses +1, +3), IDEM_BIN and UP_BIN (the release
+# STORE (memory:), KEEP (set: keep the work directory with the logs), PORT_BASE (38180: uses +1, +3), IDEM_BIN and UP_BIN (the release
 # binaries under the target dir; SKIP_BUILD=1 to use them as they are).
 set -euo pipefail
 
@@ -42,13 +42,13 @@ cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] && log "kept $WORK" || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 wait_port() {
     local i
-    for i in $(seq 100); do
+    for i in $(seq 300); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.1
     done
@@ -61,7 +61,7 @@ kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || e
 PIDS+=($!)
 wait_port "$UP_PORT"
 "$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "http://127.0.0.1:$UP_PORT" \
-    --store "$STORE" >"$WORK/idem.log" 2>&1 &
+    --store "$STORE" --admin-listen off >"$WORK/idem.log" 2>&1 &
 IDEM_PID=$!
 PIDS+=("$IDEM_PID")
 wait_port "$IDEM_PORT"
