@@ -45,7 +45,7 @@ use crate::tls::{TlsError, TlsFiles};
 pub enum StoreUrl {
     /// `memory:`: in this process only; gone on restart. `?max_records=N` and
     /// `?max_bytes=N` (also with a `KiB`, `MiB` or `GiB` suffix) cap what it holds (default:
-    /// no record limit, 32 MiB); a full store refuses new keys with `503`, it never evicts
+    /// no record limit, 16 MiB); a full store refuses new keys with `503`, it never evicts
     /// a record (see [`MemoryLimits`]).
     Memory(MemoryLimits),
     /// `redb:PATH`: the embedded durable store in the file at PATH (created if absent).
