@@ -8,11 +8,14 @@
 //! kill or a power cut: every write reaches the journal and is `fdatasync`ed before any
 //! caller is answered, and before any reader can see it.
 //!
-//! One background thread owns all writes. It takes every request waiting for it, decides
-//! them in order against the records (and against what earlier requests of the same group
-//! decided), writes the group as one atomic batch and syncs the journal once, so concurrent
-//! callers share an `fdatasync` (group commit). Reads that need no write (replays,
-//! in-flight and mismatch answers, `get`, [`Store::in_flight`]) go straight to the engine.
+//! Keys are split by digest over a few shards ([`FjallOptions::shards`], default 4), each a
+//! fjall database of its own with one background thread that owns its writes. That thread
+//! takes every request waiting for it, decides them in order against the records (and
+//! against what earlier requests of the same group decided), writes the group as one atomic
+//! batch and syncs the journal once, so concurrent callers share an `fdatasync` (group
+//! commit); the shards sync at the same time, because a disk answers several concurrent
+//! syncs in about the time of one. Reads that need no write (replays, in-flight and
+//! mismatch answers, `get`, [`Store::in_flight`]) go straight to the engine.
 //!
 //! Expired records are swept by that same thread, in bounded batches between groups of
 //! writes, so a large backlog never stalls `begin`. An in-flight record whose lease ended
@@ -23,7 +26,7 @@
 //! [`FjallOptions::memtable_size`] (writes not yet in sorted files), not by the number of
 //! records.
 //!
-//! If the writer thread ever dies (a panic, or a group the engine could not make durable),
+//! If a writer thread ever dies (a panic, or a group the engine could not make durable),
 //! [`Store::fatal_error`] says why and every call fails at once with a
 //! [`StoreError::Backend`] naming the cause; reopen the store (restart the process) to
 //! recover.
@@ -51,6 +54,7 @@ mod row;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -129,8 +133,14 @@ pub struct FjallOptions {
     pub cache_size: u64,
     /// How many bytes of records are kept in memory before they are written out as a sorted
     /// file (default 8 MiB); each of the two indexes gets a quarter of it. Up to twice this
-    /// can be in memory while a full table is being written out.
+    /// can be in memory while a full table is being written out. Both budgets are for the
+    /// whole store: each shard gets its share.
     pub memtable_size: u64,
+    /// How many shards a new store is split into (default 4, at most 64): each has its own
+    /// journal and writer thread, so that many journal syncs are in flight at once (a disk
+    /// answers several concurrent syncs in about the time of one). Keys are placed by
+    /// digest; an existing store keeps the count it was created with.
+    pub shards: usize,
 }
 
 impl Default for FjallOptions {
@@ -141,6 +151,7 @@ impl Default for FjallOptions {
             sweep_batch: 512,
             cache_size: 8 << 20,
             memtable_size: 8 << 20,
+            shards: 4,
         }
     }
 }
@@ -148,15 +159,21 @@ impl Default for FjallOptions {
 /// The embedded durable store on fjall. See the [crate docs](crate).
 #[derive(Debug)]
 pub struct FjallStore {
+    shards: Vec<Shard>,
+    clock: Arc<dyn Clock>,
+}
+
+/// One shard: its own database (journal, memory tables, files) and its own writer thread.
+#[derive(Debug)]
+struct Shard {
     ks: Keyspaces,
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<JoinHandle<()>>,
-    clock: Arc<dyn Clock>,
     /// Why the writer thread died, once it has.
     writer_died: Arc<OnceLock<String>>,
 }
 
-/// The error every call answers once the writer thread has died.
+/// The error every call answers once a writer thread has died.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "the idem-fjall writer thread died ({0}); the store cannot serve until it is reopened \
@@ -175,6 +192,11 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// The file in the store's directory that fixes its number of shards: records are placed
+/// by key, so an existing store keeps the count it was created with.
+const SHARDS_FILE: &str = "shards";
+const MAX_SHARDS: usize = 64;
+
 impl FjallStore {
     /// Opens (or creates) the store in the directory `path`, on the system clock, with
     /// default options.
@@ -183,80 +205,109 @@ impl FjallStore {
     }
 
     /// Opens (or creates) the store in the directory `path` with the given clock and
-    /// options.
+    /// options. An existing store keeps the number of shards it was created with, whatever
+    /// [`FjallOptions::shards`] says.
     pub fn open_with(
         path: impl AsRef<Path>,
         clock: impl Clock,
         options: FjallOptions,
     ) -> Result<Self, OpenError> {
         let path = path.as_ref();
-        let database_error = |source: fjall::Error| match source {
-            fjall::Error::Locked => OpenError::AlreadyOpen {
-                path: path.to_owned(),
-            },
-            source => OpenError::Database {
-                path: path.to_owned(),
-                source,
-            },
+        let io_error = |source: std::io::Error| OpenError::Database {
+            path: path.to_owned(),
+            source: fjall::Error::Io(source),
         };
-        let db = Database::builder(path)
-            .cache_size(options.cache_size)
-            .open()
-            .map_err(database_error)?;
-        let index_memtable = (options.memtable_size / 4).max(1 << 20);
-        let keyspace = |name: &str, memtable: u64| {
-            db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(memtable)
-            })
-            .map_err(database_error)
-        };
-        let ks = Keyspaces {
-            records: keyspace(row::RECORDS, options.memtable_size.max(1 << 20))?,
-            expiry: keyspace(row::EXPIRY, index_memtable)?,
-            claims: keyspace(row::CLAIMS, index_memtable)?,
-            meta: keyspace(row::META, 1 << 20)?,
-            db: db.clone(),
-        };
-        let clock: Arc<dyn Clock> = Arc::new(clock);
-        let writer = Writer::new(ks.clone(), Arc::clone(&clock), options).map_err(|source| {
-            OpenError::Store {
-                path: path.to_owned(),
-                source,
+        std::fs::create_dir_all(path).map_err(io_error)?;
+        // The first shard's lock makes this process the directory's owner before the shard
+        // count is read or written.
+        let first = open_shard(&path.join("shard-0"), &options, options.shards.max(1))?;
+        let count_file = path.join(SHARDS_FILE);
+        let count = match std::fs::read_to_string(&count_file) {
+            Ok(text) => text
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_SHARDS).contains(n))
+                .ok_or_else(|| OpenError::Store {
+                    path: path.to_owned(),
+                    source: StoreError::corrupt(format!("{SHARDS_FILE} holds {text:?}")),
+                })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let count = options.shards.clamp(1, MAX_SHARDS);
+                write_durably(path, &count_file, &format!("{count}\n")).map_err(io_error)?;
+                count
             }
-        })?;
-        let (jobs, inbox) = mpsc::channel();
-        let writer_died = Arc::new(OnceLock::new());
-        let died = Arc::clone(&writer_died);
-        let thread = std::thread::Builder::new()
-            .name("idem-fjall-writer".into())
-            .spawn(move || {
-                // A panic drops the inbox and every waiting reply as it unwinds, so callers
-                // get an error at once instead of waiting forever; the reason is kept for
-                // `fatal_error` and for every later call.
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    writer.run(inbox)
-                }));
-                let reason = match ran {
-                    Ok(Ok(())) => return,
-                    Ok(Err(error)) => format!("a group could not be made durable: {error}"),
-                    Err(payload) => panic_message(&*payload),
-                };
-                tracing::error!(%reason, "the idem-fjall writer thread died");
-                let _ = died.set(reason);
-            })
-            .map_err(OpenError::Thread)?;
-        Ok(Self {
-            ks,
-            jobs: Some(jobs),
-            writer: Some(thread),
-            clock,
-            writer_died,
-        })
+            Err(error) => return Err(io_error(error)),
+        };
+        let mut keyspaces = vec![first];
+        for shard in 1..count {
+            keyspaces.push(open_shard(&path.join(format!("shard-{shard}")), &options, count)?);
+        }
+        let mut last_token = 0;
+        for ks in &keyspaces {
+            let last = writer::last_token(ks).map_err(|source| OpenError::Store {
+                path: path.to_owned(),
+                source,
+            })?;
+            last_token = last_token.max(last);
+        }
+        let tokens = Arc::new(AtomicU64::new(last_token));
+        let clock: Arc<dyn Clock> = Arc::new(clock);
+        let mut shards = Vec::with_capacity(count);
+        for (n, ks) in keyspaces.into_iter().enumerate() {
+            let writer = Writer::new(
+                ks.clone(),
+                Arc::clone(&clock),
+                options.clone(),
+                Arc::clone(&tokens),
+            );
+            let (jobs, inbox) = mpsc::channel();
+            let writer_died = Arc::new(OnceLock::new());
+            let died = Arc::clone(&writer_died);
+            let thread = std::thread::Builder::new()
+                .name(format!("idem-fjall-writer-{n}"))
+                .spawn(move || {
+                    // A panic drops the inbox and every waiting reply as it unwinds, so
+                    // callers get an error at once instead of waiting forever; the reason
+                    // is kept for `fatal_error` and for every later call.
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                        writer.run(inbox)
+                    }));
+                    let reason = match ran {
+                        Ok(Ok(())) => return,
+                        Ok(Err(error)) => format!("a group could not be made durable: {error}"),
+                        Err(payload) => panic_message(&*payload),
+                    };
+                    tracing::error!(%reason, "an idem-fjall writer thread died");
+                    let _ = died.set(reason);
+                })
+                .map_err(OpenError::Thread)?;
+            shards.push(Shard {
+                ks,
+                jobs: Some(jobs),
+                writer: Some(thread),
+                writer_died,
+            });
+        }
+        Ok(Self { shards, clock })
     }
 
-    /// Fails at once if the writer thread has died.
+    /// The shard that holds `key`.
+    fn shard(&self, key: &ScopedKey) -> &Shard {
+        let digest = key.digest();
+        let n = usize::from(u16::from_be_bytes([digest[0], digest[1]]));
+        &self.shards[n % self.shards.len()]
+    }
+
+    /// Why the store cannot serve, if a writer thread has died.
+    fn died(&self) -> Option<&String> {
+        self.shards.iter().find_map(|shard| shard.writer_died.get())
+    }
+
+    /// Fails at once if a writer thread has died: the store then stops as a whole, whichever
+    /// shard a key lives in.
     fn alive(&self, operation: &'static str) -> Result<(), StoreError> {
-        match self.writer_died.get() {
+        match self.died() {
             Some(reason) => Err(StoreError::backend(operation, WriterDied(reason.clone()))),
             None => Ok(()),
         }
@@ -264,18 +315,19 @@ impl FjallStore {
 
     async fn write<T>(
         &self,
+        shard: &Shard,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         let stopped = || {
             let reason = self
-                .writer_died
-                .get()
+                .died()
                 .cloned()
                 .unwrap_or_else(|| "it stopped".to_owned());
             StoreError::backend("reach the writer thread", WriterDied(reason))
         };
-        self.jobs
+        shard
+            .jobs
             .as_ref()
             .ok_or_else(stopped)?
             .send(make(reply))
@@ -287,16 +339,26 @@ impl FjallStore {
     /// them one by one: for tests and tools, not for a hot path.
     pub fn record_count(&self) -> Result<u64, StoreError> {
         self.alive("count records")?;
-        let count = self
-            .ks
-            .records
-            .len()
-            .map_err(|e| StoreError::backend("count records", e))?;
-        Ok(count as u64)
+        let mut count = 0;
+        for shard in &self.shards {
+            let records = shard
+                .ks
+                .records
+                .len()
+                .map_err(|e| StoreError::backend("count records", e))?;
+            count += records as u64;
+        }
+        Ok(count)
+    }
+
+    /// How many shards the store has (fixed when it was created).
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
     }
 
     fn read(&self, key: &ScopedKey) -> Result<Option<row::Kept>, StoreError> {
-        self.ks
+        self.shard(key)
+            .ks
             .records
             .get(key.digest())
             .map_err(|e| StoreError::backend("read a record", e))?
@@ -305,13 +367,62 @@ impl FjallStore {
     }
 }
 
+/// Opens one shard's database and keyspaces, with its share of the memory budget.
+fn open_shard(path: &Path, options: &FjallOptions, count: usize) -> Result<Keyspaces, OpenError> {
+    let database_error = |source: fjall::Error| match source {
+        fjall::Error::Locked => OpenError::AlreadyOpen {
+            path: path.parent().unwrap_or(path).to_owned(),
+        },
+        source => OpenError::Database {
+            path: path.to_owned(),
+            source,
+        },
+    };
+    let count = count as u64;
+    let db = Database::builder(path)
+        .cache_size((options.cache_size / count).max(1 << 20))
+        .worker_threads(1)
+        .open()
+        .map_err(database_error)?;
+    let memtable = (options.memtable_size / count).max(1 << 20);
+    let keyspace = |name: &str, memtable: u64| {
+        db.keyspace(name, || {
+            KeyspaceCreateOptions::default().max_memtable_size(memtable)
+        })
+        .map_err(database_error)
+    };
+    Ok(Keyspaces {
+        records: keyspace(row::RECORDS, memtable)?,
+        expiry: keyspace(row::EXPIRY, (memtable / 4).max(1 << 20))?,
+        claims: keyspace(row::CLAIMS, (memtable / 4).max(1 << 20))?,
+        meta: keyspace(row::META, 1 << 20)?,
+        db: db.clone(),
+    })
+}
+
+/// Writes a small file so that it survives a power cut once this returns.
+fn write_durably(dir: &Path, file: &Path, text: &str) -> std::io::Result<()> {
+    let temporary = file.with_extension("tmp");
+    {
+        let mut out = std::fs::File::create(&temporary)?;
+        std::io::Write::write_all(&mut out, text.as_bytes())?;
+        out.sync_all()?;
+    }
+    std::fs::rename(&temporary, file)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 impl Drop for FjallStore {
     fn drop(&mut self) {
-        // Closing the channel lets the writer finish what is queued and exit; waiting for it
-        // lets the directory be opened again once the engine's handles are gone.
-        self.jobs.take();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        // Closing the channels lets the writers finish what is queued and exit; waiting for
+        // them lets the directory be opened again once the engine's handles are gone.
+        for shard in &mut self.shards {
+            shard.jobs.take();
+        }
+        for shard in &mut self.shards {
+            if let Some(writer) = shard.writer.take() {
+                let _ = writer.join();
+            }
         }
     }
 }
@@ -335,7 +446,7 @@ impl Store for FjallStore {
                 transition::begin(current.as_ref(), fingerprint, now, lease, || Token::new(0))?;
             return Ok(answer);
         }
-        self.write(|reply| Job::Begin {
+        self.write(self.shard(key), |reply| Job::Begin {
             key: key.clone(),
             fingerprint: *fingerprint,
             lease,
@@ -353,7 +464,7 @@ impl Store for FjallStore {
     ) -> Result<SystemTime, StoreError> {
         self.alive("complete")?;
         transition::span("complete", retain)?;
-        self.write(|reply| Job::Complete {
+        self.write(self.shard(key), |reply| Job::Complete {
             key: key.clone(),
             token,
             stored: stored.clone(),
@@ -365,7 +476,7 @@ impl Store for FjallStore {
 
     async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
         self.alive("release")?;
-        self.write(|reply| Job::Release {
+        self.write(self.shard(key), |reply| Job::Release {
             key: key.clone(),
             token,
             reply,
@@ -381,7 +492,7 @@ impl Store for FjallStore {
     ) -> Result<Lease, StoreError> {
         self.alive("renew")?;
         transition::span("renew", lease)?;
-        self.write(|reply| Job::Renew {
+        self.write(self.shard(key), |reply| Job::Renew {
             key: key.clone(),
             token,
             lease,
@@ -401,7 +512,7 @@ impl Store for FjallStore {
 
     async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
         self.alive("delete")?;
-        self.write(|reply| Job::Delete {
+        self.write(self.shard(key), |reply| Job::Delete {
             key: key.clone(),
             reply,
         })
@@ -410,7 +521,19 @@ impl Store for FjallStore {
 
     async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         self.alive("sweep")?;
-        self.write(|reply| Job::Sweep { limit, reply }).await
+        // Shard after shard, until `limit` is used up: the work stays bounded by `limit`
+        // (plus one empty scan per shard).
+        let mut removed = 0;
+        for shard in &self.shards {
+            let left = limit - removed;
+            if left == 0 {
+                break;
+            }
+            removed += self
+                .write(shard, |reply| Job::Sweep { limit: left, reply })
+                .await?;
+        }
+        Ok(removed)
     }
 
     // Walks the claim index oldest first: the work is the answer's length, plus entries of
@@ -430,8 +553,35 @@ impl Store for FjallStore {
         // Claims up to and including the cutoff's millisecond.
         let bound = row::entry(unix_millis(cutoff).saturating_add(1), &[0; 32]);
         let mut held = Vec::new();
-        for item in self.ks.claims.range(..bound) {
-            if held.len() >= limit {
+        for shard in &self.shards {
+            shard.in_flight(&bound, limit, now, &mut held)?;
+        }
+        // The oldest `limit` of every shard's oldest `limit`.
+        held.sort_by_key(|record| record.claimed_at);
+        held.truncate(limit);
+        Ok(held)
+    }
+
+    fn fatal_error(&self) -> Option<String> {
+        self.died()
+            .map(|reason| WriterDied(reason.clone()).to_string())
+    }
+}
+
+impl Shard {
+    /// Adds to `held` up to `limit` of this shard's in-flight records claimed before
+    /// `bound`, oldest first.
+    fn in_flight(
+        &self,
+        bound: &row::Entry,
+        limit: usize,
+        now: SystemTime,
+        held: &mut Vec<InFlightRecord>,
+    ) -> Result<(), StoreError> {
+        const OPERATION: &str = "list in-flight records";
+        let mut found = 0;
+        for item in self.ks.claims.range(..*bound) {
+            if found >= limit {
                 break;
             }
             let entry = item
@@ -458,6 +608,7 @@ impl Store for FjallStore {
                 continue;
             };
             if kept.record.is_live(now) {
+                found += 1;
                 held.push(InFlightRecord {
                     key,
                     token: kept.record.token,
@@ -466,13 +617,7 @@ impl Store for FjallStore {
                 });
             }
         }
-        Ok(held)
-    }
-
-    fn fatal_error(&self) -> Option<String> {
-        self.writer_died
-            .get()
-            .map(|reason| WriterDied(reason.clone()).to_string())
+        Ok(())
     }
 }
 
@@ -487,14 +632,14 @@ mod tests {
 
     /// Kills the writer thread the only way left: a job that exists for this test.
     fn crash_the_writer(store: &FjallStore) {
-        store
+        store.shards[0]
             .jobs
             .as_ref()
             .expect("the store is open")
             .send(Job::Crash)
             .expect("the writer takes the job");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while store.writer_died.get().is_none() {
+        while store.died().is_none() {
             assert!(Instant::now() < deadline, "the writer did not die");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -568,7 +713,12 @@ mod tests {
         // Two begins of one new key in one group: the second must see the first's claim,
         // and the group's batch must hold the key once (one sequence number per batch).
         let dir = tempfile::tempdir().expect("temporary directory");
-        let store = Arc::new(FjallStore::open(dir.path().join("group")).expect("open store"));
+        let options = FjallOptions {
+            shards: 1,
+            ..FjallOptions::default()
+        };
+        let store = FjallStore::open_with(dir.path().join("group"), SystemClock, options);
+        let store = Arc::new(store.expect("open store"));
         let (fp, lease) = (fingerprint("a"), Duration::from_secs(30));
         let mut tasks = Vec::new();
         for round in 0..64 {

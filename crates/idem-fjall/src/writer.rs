@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as Slot;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,6 +16,23 @@ use tokio::sync::oneshot;
 
 use crate::FjallOptions;
 use crate::row::{self, Digest, Entry, Kept, LAST_TOKEN};
+
+/// The last token a shard made durable, 0 for a new one.
+pub(crate) fn last_token(ks: &Keyspaces) -> Result<u64, StoreError> {
+    let stored = ks
+        .meta
+        .get(LAST_TOKEN)
+        .map_err(|e| StoreError::backend("read the last token", e))?;
+    match stored {
+        None => Ok(0),
+        Some(bytes) => Ok(u64::from_be_bytes(
+            bytes
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::corrupt("the last token is not 8 bytes"))?,
+        )),
+    }
+}
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -96,7 +114,9 @@ pub(crate) struct Writer {
     clock: Arc<dyn Clock>,
     options: FjallOptions,
     last_sweep: Instant,
-    last_token: u64,
+    /// The last token handed out by any shard: tokens grow store-wide, so they grow per key
+    /// whichever shard a key lives in.
+    tokens: Arc<AtomicU64>,
     /// Where the next sweep starts scanning the expiry index: the time of the last entry a
     /// sweep removed. Entries before it are gone, but their tombstones stay until a
     /// compaction drops them; starting here keeps a sweep's work its `limit`, not the
@@ -108,33 +128,16 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(
-        ks: Keyspaces,
-        clock: Arc<dyn Clock>,
-        options: FjallOptions,
-    ) -> Result<Self, StoreError> {
-        let stored = ks
-            .meta
-            .get(LAST_TOKEN)
-            .map_err(|e| StoreError::backend("read the last token", e))?;
-        let last_token = match stored {
-            None => 0,
-            Some(bytes) => u64::from_be_bytes(
-                bytes
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::corrupt("the last token is not 8 bytes"))?,
-            ),
-        };
-        Ok(Self {
+    pub(crate) fn new(ks: Keyspaces, clock: Arc<dyn Clock>, options: FjallOptions, tokens: Arc<AtomicU64>) -> Self {
+        Self {
             ks,
             clock,
             options,
             last_sweep: Instant::now(),
-            last_token,
+            tokens,
             sweep_from: 0,
             swept_at: 0,
-        })
+        }
     }
 
     /// Serves jobs until every sender is gone, or until a group cannot be made durable:
@@ -171,7 +174,7 @@ impl Writer {
             self.sweep_from = 0;
         }
         self.swept_at = now_ms;
-        let mut tx = Tx::new(&self.ks, now, self.last_token, self.sweep_from);
+        let mut tx = Tx::new(&self.ks, now, &self.tokens, self.sweep_from);
         for job in batch {
             finishers.push(tx.apply(job));
             if tx.broken.is_some() {
@@ -192,7 +195,7 @@ impl Writer {
             }
             return Ok(());
         }
-        let (last_token, sweep_from) = (tx.last_token, tx.sweep_from);
+        let sweep_from = tx.sweep_from;
         let outcome = tx.into_batch(&self.ks).commit();
         if let Err(error) = outcome {
             let message = error.to_string();
@@ -202,7 +205,6 @@ impl Writer {
             }
             return Err(error);
         }
-        self.last_token = last_token;
         self.sweep_from = sweep_from;
         for finish in finishers {
             finish(None);
@@ -215,7 +217,7 @@ impl Writer {
 struct Tx<'k> {
     ks: &'k Keyspaces,
     now: SystemTime,
-    last_token: u64,
+    tokens: &'k AtomicU64,
     minted: bool,
     /// Where a sweep starts scanning (see [`Writer::sweep_from`]).
     sweep_from: u64,
@@ -230,11 +232,11 @@ struct Tx<'k> {
 }
 
 impl<'k> Tx<'k> {
-    fn new(ks: &'k Keyspaces, now: SystemTime, last_token: u64, sweep_from: u64) -> Self {
+    fn new(ks: &'k Keyspaces, now: SystemTime, tokens: &'k AtomicU64, sweep_from: u64) -> Self {
         Self {
             ks,
             now,
-            last_token,
+            tokens,
             minted: false,
             sweep_from,
             records: HashMap::new(),
@@ -264,7 +266,10 @@ impl<'k> Tx<'k> {
             }
         }
         if self.minted {
-            batch.insert(&ks.meta, LAST_TOKEN, self.last_token.to_be_bytes());
+            // At least every token this group minted: after a restart the store starts
+            // above the largest token any shard made durable.
+            let last = self.tokens.load(Ordering::SeqCst);
+            batch.insert(&ks.meta, LAST_TOKEN, last.to_be_bytes());
         }
         batch
     }
@@ -365,19 +370,15 @@ impl<'k> Tx<'k> {
         lease: Duration,
     ) -> Result<Begin, StoreError> {
         let current = self.load(&key.digest())?;
-        let mut next = self.last_token;
+        let tokens = self.tokens;
         let (answer, write) = transition::begin(
             kept_at(current.as_ref(), self.now),
             fingerprint,
             self.now,
             lease,
-            || {
-                next += 1;
-                Token::new(next)
-            },
+            || Token::new(tokens.fetch_add(1, Ordering::SeqCst) + 1),
         )?;
         if let Some(record) = write {
-            self.last_token = next;
             self.minted = true;
             let kept_until = transition::kept_until(record.expires_at(), lease);
             let claimed_ms = unix_millis(self.now);

@@ -12,7 +12,11 @@ async fn fjall() -> Subject<FjallStore> {
     let store = FjallStore::open_with(
         dir.path().join("conformance"),
         clock.clone(),
-        FjallOptions::default(),
+        // Two shards: a key's shard is fixed, and listing and sweeping span shards.
+        FjallOptions {
+            shards: 2,
+            ..FjallOptions::default()
+        },
     )
     .expect("open store");
     Subject::with_guard(store, TimeTravel::Manual(clock), dir)
@@ -27,6 +31,11 @@ fn fjall_store_follows_the_model() {
     idem_core::testing::model::check(|clock| {
         let n = cases.fetch_add(1, Ordering::Relaxed);
         let path = dir.path().join(format!("model-{n}"));
-        FjallStore::open_with(path, clock, FjallOptions::default()).expect("open store")
+        // One shard: each case opens a store, and every shard is a database with threads.
+        let options = FjallOptions {
+            shards: 1,
+            ..FjallOptions::default()
+        };
+        FjallStore::open_with(path, clock, options).expect("open store")
     });
 }
