@@ -157,6 +157,30 @@ impl Default for FjallOptions {
 }
 
 /// The embedded durable store on fjall. See the [crate docs](crate).
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_core::{Fingerprint, Key, Scope, ScopedKey, Store, SystemClock};
+/// use idem_fjall::{FjallOptions, FjallStore, OpenError};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let options = FjallOptions { shards: 2, ..FjallOptions::default() };
+/// let store = FjallStore::open_with(dir.path().join("idem"), SystemClock, options)?;
+/// assert_eq!(store.shard_count(), 2);
+///
+/// let key = ScopedKey::new(Scope::anonymous(), Key::new("pay-1")?);
+/// let fingerprint = Fingerprint::builder().part("body", b"{}").finish();
+/// store.begin(&key, &fingerprint, Duration::from_secs(30)).await?;
+/// assert_eq!(store.record_count()?, 1);
+///
+/// // One owner per directory.
+/// assert!(matches!(
+///     FjallStore::open(dir.path().join("idem")),
+///     Err(OpenError::AlreadyOpen { .. })
+/// ));
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct FjallStore {
     shards: Vec<Shard>,
