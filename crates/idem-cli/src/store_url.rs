@@ -520,7 +520,10 @@ mod tests {
             "fjall:/var/lib/idem?cache_mib=32&memtable_mib=4"
         );
         assert_eq!(
-            "fjall://idem.fjall".parse::<StoreUrl>().unwrap().to_string(),
+            "fjall://idem.fjall"
+                .parse::<StoreUrl>()
+                .unwrap()
+                .to_string(),
             "fjall:idem.fjall"
         );
         for bad in [

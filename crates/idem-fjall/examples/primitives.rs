@@ -84,7 +84,11 @@ fn fdatasync(dir: &Path, size: usize, preallocated: bool) -> std::io::Result<()>
     }
     let name = format!(
         "fdatasync {size:>5} B, {}",
-        if preallocated { "preallocated" } else { "growing file" }
+        if preallocated {
+            "preallocated"
+        } else {
+            "growing file"
+        }
     );
     report(&name, runs, start.elapsed(), 1);
     std::fs::remove_file(path)
@@ -125,7 +129,11 @@ fn redb(dir: &Path) -> Result<(), redb::Error> {
     }
     group(&db, Durability::Immediate, 1)?;
     for (name, durability, runs) in [
-        ("redb group of 64, Durability::None", Durability::None, 2_000),
+        (
+            "redb group of 64, Durability::None",
+            Durability::None,
+            2_000,
+        ),
         (
             "redb group of 64, Durability::Immediate",
             Durability::Immediate,

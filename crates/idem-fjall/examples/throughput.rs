@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use idem_core::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
 use idem_core::SystemClock;
+use idem_core::{Begin, Fingerprint, Key, Scope, ScopedKey, Store, Stored};
 use idem_fjall::{FjallOptions, FjallStore};
 use idem_redb::RedbStore;
 
@@ -31,7 +31,12 @@ fn cpu_ticks() -> u64 {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
     field(11) + field(12)
 }
@@ -44,7 +49,8 @@ fn flushes() -> u64 {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let whole_disk = fields.get(2).is_some_and(|name| {
-                !name.starts_with("loop") && !name.chars().last().is_some_and(|c| c.is_ascii_digit())
+                !name.starts_with("loop")
+                    && !name.chars().last().is_some_and(|c| c.is_ascii_digit())
             });
             whole_disk.then(|| fields.get(18).and_then(|f| f.parse::<u64>().ok()))?
         })
@@ -62,8 +68,7 @@ fn key(i: u64) -> ScopedKey {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: throughput fjall|redb CALLERS SECONDS [DIR]";
-    let (Some(kind), Some(callers), Some(seconds)) = (args.get(1), args.get(2), args.get(3))
-    else {
+    let (Some(kind), Some(callers), Some(seconds)) = (args.get(1), args.get(2), args.get(3)) else {
         return Err(usage.into());
     };
     let callers: u64 = callers.parse()?;
@@ -89,7 +94,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "redb" => Arc::new(RedbStore::open(dir.join("throughput.redb"))?),
         _ => return Err(usage.into()),
     };
-    let fingerprint = Fingerprint::builder().part("body", b"{\"cents\":100}").finish();
+    let fingerprint = Fingerprint::builder()
+        .part("body", b"{\"cents\":100}")
+        .finish();
     let outcome = Stored::new(201)
         .with_header("content-type", "application/json")
         .with_body(r#"{"id":"ch_1","status":"succeeded","cents":100}"#);

@@ -265,7 +265,11 @@ impl FjallStore {
         };
         let mut keyspaces = vec![first];
         for shard in 1..count {
-            keyspaces.push(open_shard(&path.join(format!("shard-{shard}")), &options, count)?);
+            keyspaces.push(open_shard(
+                &path.join(format!("shard-{shard}")),
+                &options,
+                count,
+            )?);
         }
         let mut last_token = 0;
         for ks in &keyspaces {
@@ -608,9 +612,7 @@ impl Shard {
             if found >= limit {
                 break;
             }
-            let entry = item
-                .key()
-                .map_err(|e| StoreError::backend(OPERATION, e))?;
+            let entry = item.key().map_err(|e| StoreError::backend(OPERATION, e))?;
             let Some((_, digest)) = row::split_entry(&entry) else {
                 continue;
             };
@@ -694,9 +696,12 @@ mod tests {
     async fn a_dead_writer_is_reported_and_every_call_fails_fast() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let clock = ManualClock::new();
-        let store =
-            FjallStore::open_with(dir.path().join("dead"), clock.clone(), FjallOptions::default())
-                .expect("open store");
+        let store = FjallStore::open_with(
+            dir.path().join("dead"),
+            clock.clone(),
+            FjallOptions::default(),
+        )
+        .expect("open store");
         let (key, fp, lease) = (scoped("dead"), fingerprint("a"), Duration::from_secs(30));
         let Begin::Acquired(claim) = store.begin(&key, &fp, lease).await.unwrap() else {
             panic!("a new key is acquired")

@@ -171,9 +171,15 @@ mod tests {
         assert_eq!((back.kept_ms, back.claimed_ms), (20_000, 5_000));
         assert_eq!(back.key, Some(key));
         assert!(back.at(from_unix_millis(19_999)).is_some());
-        assert!(back.at(from_unix_millis(10_000) + Duration::from_secs(10)).is_none());
+        assert!(
+            back.at(from_unix_millis(10_000) + Duration::from_secs(10))
+                .is_none()
+        );
         let digest = [3; 32];
-        assert_eq!(split_entry(&back.expiry_entry(&digest)), Some((20_000, digest)));
+        assert_eq!(
+            split_entry(&back.expiry_entry(&digest)),
+            Some((20_000, digest))
+        );
         assert_eq!(
             back.claim_entry(&digest).and_then(|e| split_entry(&e)),
             Some((5_000, digest))

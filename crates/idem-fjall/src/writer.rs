@@ -25,12 +25,11 @@ pub(crate) fn last_token(ks: &Keyspaces) -> Result<u64, StoreError> {
         .map_err(|e| StoreError::backend("read the last token", e))?;
     match stored {
         None => Ok(0),
-        Some(bytes) => Ok(u64::from_be_bytes(
-            bytes
-                .as_ref()
-                .try_into()
-                .map_err(|_| StoreError::corrupt("the last token is not 8 bytes"))?,
-        )),
+        Some(bytes) => {
+            Ok(u64::from_be_bytes(bytes.as_ref().try_into().map_err(
+                |_| StoreError::corrupt("the last token is not 8 bytes"),
+            )?))
+        }
     }
 }
 
@@ -128,7 +127,12 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(ks: Keyspaces, clock: Arc<dyn Clock>, options: FjallOptions, tokens: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(
+        ks: Keyspaces,
+        clock: Arc<dyn Clock>,
+        options: FjallOptions,
+        tokens: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             ks,
             clock,

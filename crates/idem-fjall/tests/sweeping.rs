@@ -18,8 +18,7 @@ async fn expired_records_are_swept_in_the_background() {
         sweep_batch: 100,
         ..FjallOptions::default()
     };
-    let store =
-        FjallStore::open_with(dir.path().join("sweep"), clock.clone(), options).unwrap();
+    let store = FjallStore::open_with(dir.path().join("sweep"), clock.clone(), options).unwrap();
     let fp = Fingerprint::builder().part("body", b"x").finish();
     for i in 0..1_000 {
         let Begin::Acquired(lease) = store
