@@ -185,10 +185,11 @@ impl Writer {
                 break;
             }
         }
-        if sweep_due && tx.broken.is_none() {
-            if let Err(error) = tx.sweep(self.options.sweep_batch) {
-                tracing::warn!(%error, "sweeping expired idempotency records failed");
-            }
+        if sweep_due
+            && tx.broken.is_none()
+            && let Err(error) = tx.sweep(self.options.sweep_batch)
+        {
+            tracing::warn!(%error, "sweeping expired idempotency records failed");
         }
         if let Some(error) = tx.broken.take() {
             // Nothing of this group was written: its callers get errors, the store goes on.
@@ -470,13 +471,13 @@ impl<'k> Tx<'k> {
                 slot.insert(false);
             }
             let current = self.load(&digest)?;
-            if let Some(kept) = current.filter(|kept| kept.kept_ms == time) {
-                if kept.at(self.now).is_none() {
-                    if let Some(claim) = kept.claim_entry(&digest) {
-                        self.claims.insert(claim, false);
-                    }
-                    self.records.insert(digest, None);
+            if let Some(kept) = current.filter(|kept| kept.kept_ms == time)
+                && kept.at(self.now).is_none()
+            {
+                if let Some(claim) = kept.claim_entry(&digest) {
+                    self.claims.insert(claim, false);
                 }
+                self.records.insert(digest, None);
             }
         }
         Ok(due.len())
