@@ -4,7 +4,7 @@
 //! ```toml
 //! listen = "127.0.0.1:8080"
 //! upstream = "http://127.0.0.1:3000"
-//! store = "redb:idem.redb"
+//! store = "fjall:idem.fjall"
 //!
 //! # The policy for every route (any field of idem_http::IdempotencyPolicy).
 //! [policy]
@@ -371,7 +371,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The default `--admin-listen`: loopback only, since metrics tell a lot about traffic.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// The default `--store`.
-pub const DEFAULT_STORE: &str = "redb:idem.redb";
+pub const DEFAULT_STORE: &str = "fjall:idem.fjall";
 
 impl GatewayConfig {
     /// Reads `file` (if given), applies `overrides`, and validates everything.

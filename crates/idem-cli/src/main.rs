@@ -55,7 +55,7 @@ struct ServeArgs {
     /// The service to protect, e.g. http://127.0.0.1:3000 (required here or in --config)
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
-    /// Where records live: redb:PATH (durable, the default: redb:idem.redb) or memory:
+    /// Where records live: fjall:DIR (durable, the default: fjall:idem.fjall), redb:PATH, memory:, redis://…, postgres://…
     #[arg(long, value_name = "URL")]
     store: Option<String>,
     /// Answer 400 to POST/PATCH requests without an Idempotency-Key

@@ -10,6 +10,7 @@ use idem_core::{
     Begin, Fingerprint, Lease, MemoryLimits, MemoryStore, Record, ScopedKey, Store, StoreError,
     Stored, Token,
 };
+use idem_fjall::{FjallOptions, FjallStore};
 use idem_postgres::{PostgresOptions, PostgresStore};
 use idem_redb::{RedbOptions, RedbStore};
 use idem_redis::{RedisOptions, RedisStore};
@@ -36,6 +37,10 @@ use crate::tls::{TlsError, TlsFiles};
 ///     StoreUrl::Redb("data/idem.redb".into())
 /// );
 /// assert_eq!(
+///     "fjall:data/idem.fjall?cache_mib=16".parse::<StoreUrl>().unwrap(),
+///     StoreUrl::Fjall { path: "data/idem.fjall".into(), cache_mib: Some(16), memtable_mib: None }
+/// );
+/// assert_eq!(
 ///     "redis://:secret@127.0.0.1:6379".parse::<StoreUrl>().unwrap().to_string(),
 ///     "redis://:***@127.0.0.1:6379"
 /// );
@@ -50,6 +55,18 @@ pub enum StoreUrl {
     Memory(MemoryLimits),
     /// `redb:PATH`: the embedded durable store in the file at PATH (created if absent).
     Redb(PathBuf),
+    /// `fjall:DIR[?cache_mib=N&memtable_mib=N]`: the embedded durable store on an LSM
+    /// engine, in the directory DIR (created if absent). `cache_mib` is its block cache
+    /// (default 8) and `memtable_mib` how much of the newest records it keeps in memory
+    /// before writing them out sorted (default 8), both in MiB.
+    Fjall {
+        /// The directory.
+        path: PathBuf,
+        /// `cache_mib`, if given.
+        cache_mib: Option<u64>,
+        /// `memtable_mib`, if given.
+        memtable_mib: Option<u64>,
+    },
     /// `redis://[user:pass@]host[:port][/db]` (one node) or
     /// `redis+cluster://[user:pass@]host:port,host:port,...` (Redis Cluster), and over TLS
     /// `rediss://…` and `rediss+cluster://…`: shared by every gateway that names it. A
@@ -71,7 +88,7 @@ pub enum StoreUrl {
 pub enum StoreUrlError {
     /// An unknown or malformed URL.
     #[error(
-        "`{0}` is not a store URL; use `memory:`, `redb:PATH`, `redis://host:port` or \
+        "`{0}` is not a store URL; use `memory:`, `fjall:DIR`, `redb:PATH`, `redis://host:port` or \
          `redis+cluster://host:port,host:port` (`rediss…` for TLS) or \
          `postgres://user@host/db`"
     )]
@@ -85,9 +102,18 @@ pub enum StoreUrlError {
     /// `redb:` without a path.
     #[error("`{0}` names no file; use `redb:PATH`, e.g. `redb:idem.redb`")]
     NoPath(String),
+    /// `fjall:` without a directory, or with a setting it does not know.
+    #[error(
+        "`{0}` is not a fjall store URL; use `fjall:DIR`, optionally with \
+         `?cache_mib=N&memtable_mib=N` (whole MiB, 1 to 65536)"
+    )]
+    BadFjall(String),
     /// The store could not be opened.
     #[error("cannot open the store")]
     Open(#[source] idem_redb::OpenError),
+    /// The fjall store could not be opened.
+    #[error("cannot open the store")]
+    OpenFjall(#[source] idem_fjall::OpenError),
     /// The Redis store could not connect.
     #[error("cannot connect to the Redis store")]
     Redis(#[source] idem_redis::ConnectError),
@@ -170,6 +196,12 @@ impl std::str::FromStr for StoreUrl {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Self::Postgres(url.to_owned()));
         }
+        if let Some(rest) = url
+            .strip_prefix("fjall://")
+            .or_else(|| url.strip_prefix("fjall:"))
+        {
+            return parse_fjall(url, rest);
+        }
         let path = url
             .strip_prefix("redb://")
             .or_else(|| url.strip_prefix("redb:"))
@@ -197,6 +229,22 @@ impl std::fmt::Display for StoreUrl {
                 Ok(())
             }
             Self::Redb(path) => write!(f, "redb:{}", path.display()),
+            Self::Fjall {
+                path,
+                cache_mib,
+                memtable_mib,
+            } => {
+                write!(f, "fjall:{}", path.display())?;
+                let settings = [("cache_mib", cache_mib), ("memtable_mib", memtable_mib)];
+                let mut separator = '?';
+                for (name, value) in settings {
+                    if let Some(value) = value {
+                        write!(f, "{separator}{name}={value}")?;
+                        separator = '&';
+                    }
+                }
+                Ok(())
+            }
             Self::Redis(url) | Self::Postgres(url) => f.write_str(&redact(url)),
         }
     }
@@ -217,6 +265,19 @@ impl StoreUrl {
             Self::Redb(path) => Arc::new(
                 RedbStore::open_with(path, SystemClock, gateway_redb_options())
                     .map_err(StoreUrlError::Open)?,
+            ),
+            // fjall sweeps on its own writer thread too.
+            Self::Fjall {
+                path,
+                cache_mib,
+                memtable_mib,
+            } => Arc::new(
+                FjallStore::open_with(
+                    path,
+                    SystemClock,
+                    gateway_fjall_options(*cache_mib, *memtable_mib),
+                )
+                .map_err(StoreUrlError::OpenFjall)?,
             ),
             // Redis expires records by itself: no sweeper.
             Self::Redis(url) => {
@@ -433,6 +494,45 @@ fn gateway_redb_options() -> RedbOptions {
     }
 }
 
+/// Reads `fjall:DIR[?cache_mib=N&memtable_mib=N]` (`rest` is what follows the scheme).
+fn parse_fjall(url: &str, rest: &str) -> Result<StoreUrl, StoreUrlError> {
+    let bad = || StoreUrlError::BadFjall(url.to_owned());
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() {
+        return Err(bad());
+    }
+    let (mut cache_mib, mut memtable_mib) = (None, None);
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').ok_or_else(bad)?;
+        let mib = value
+            .parse::<u64>()
+            .ok()
+            .filter(|mib| (1..=65_536).contains(mib))
+            .ok_or_else(bad)?;
+        match name {
+            "cache_mib" => cache_mib = Some(mib),
+            "memtable_mib" => memtable_mib = Some(mib),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(StoreUrl::Fjall {
+        path: PathBuf::from(path),
+        cache_mib,
+        memtable_mib,
+    })
+}
+
+/// The gateway's fjall tuning: the store's defaults (8 MiB of block cache, 8 MiB of
+/// memory tables), unless the URL says otherwise.
+fn gateway_fjall_options(cache_mib: Option<u64>, memtable_mib: Option<u64>) -> FjallOptions {
+    let defaults = FjallOptions::default();
+    FjallOptions {
+        cache_size: cache_mib.map_or(defaults.cache_size, |mib| mib << 20),
+        memtable_size: memtable_mib.map_or(defaults.memtable_size, |mib| mib << 20),
+        ..defaults
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +566,72 @@ mod tests {
         assert_eq!(url.to_string(), "memory:?max_records=5&max_bytes=1024");
         assert_eq!(parse(&url.to_string()).unwrap(), url);
         assert_eq!(parse("memory:").unwrap().to_string(), "memory:");
+    }
+
+    #[tokio::test]
+    async fn a_fjall_url_opens_a_store_that_lists_claims_and_has_one_owner() {
+        use std::time::Duration;
+
+        use idem_core::testing::{fingerprint, scoped};
+
+        let dir = tempfile::tempdir().unwrap();
+        let url: StoreUrl = format!("fjall:{}?cache_mib=2", dir.path().join("s").display())
+            .parse()
+            .unwrap();
+        let store = url.open().await.unwrap();
+        let key = scoped("k");
+        store
+            .begin(&key, &fingerprint("a"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let held = store.in_flight(Duration::ZERO, 10).await.unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].key, key);
+        match url.open().await {
+            Err(StoreUrlError::OpenFjall(error)) => {
+                assert!(error.to_string().contains("already open"), "{error}")
+            }
+            other => panic!("a second open should be refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fjall_urls_take_a_directory_and_two_sizes() {
+        let parsed: StoreUrl = "fjall:/var/lib/idem?memtable_mib=4&cache_mib=32"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            parsed,
+            StoreUrl::Fjall {
+                path: "/var/lib/idem".into(),
+                cache_mib: Some(32),
+                memtable_mib: Some(4)
+            }
+        );
+        assert_eq!(
+            parsed.to_string(),
+            "fjall:/var/lib/idem?cache_mib=32&memtable_mib=4"
+        );
+        assert_eq!(
+            "fjall://idem.fjall"
+                .parse::<StoreUrl>()
+                .unwrap()
+                .to_string(),
+            "fjall:idem.fjall"
+        );
+        for bad in [
+            "fjall:",
+            "fjall:?cache_mib=8",
+            "fjall:d?cache_mib=0",
+            "fjall:d?cache_mib=x",
+            "fjall:d?cache=8",
+            "fjall:d?cache_mib",
+        ] {
+            assert!(
+                matches!(bad.parse::<StoreUrl>(), Err(StoreUrlError::BadFjall(_))),
+                "{bad} was accepted"
+            );
+        }
     }
 
     #[test]
