@@ -139,10 +139,11 @@ for store in $STORES; do
     redb) url=redb:$WORK/idem.redb ;;
     esac
     log "$store: starting idem serve under callgrind"
+    # The admin listener on a port of the OS's choosing: its default (9090) may be taken.
     # shellcheck disable=SC2086
     valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out.%p" \
         "$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "$UPSTREAM" \
-        --store "$url" $IDEM_ARGS >"$WORK/idem-$store.log" 2>&1 &
+        --store "$url" --admin-listen 127.0.0.1:0 $IDEM_ARGS >"$WORK/idem-$store.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
     wait_port "$IDEM_PORT" "$pid" "$WORK/idem-$store.log"
