@@ -180,25 +180,22 @@ where
         };
         let entry = on_arrival(config, arrival);
         let started = Instant::now();
-        let label = RequestLabel::new(
-            &parts.method,
-            scope.as_ref(),
-            match (&entry, &scope) {
-                (Entry::Keyed(key), Some(scope)) => {
-                    Some(ScopedKey::new(scope.clone(), key.clone()))
-                }
-                _ => None,
-            }
-            .as_ref(),
-            matches!(entry, Entry::Derive),
-        );
+        let derived = matches!(entry, Entry::Derive);
         let name = match (entry, scope) {
             (Entry::Keyed(key), Some(scope)) => Ok(Name::Given(ScopedKey::new(scope, key))),
             (Entry::Derive, Some(scope)) => Ok(Name::Derived(scope)),
-            (entry, _) => Err(entry),
+            (entry, scope) => Err((entry, scope)),
         };
         match (name, decoded) {
             (Ok(name), Ok(decoded)) => {
+                let label = match &name {
+                    Name::Given(key) => {
+                        RequestLabel::new(&parts.method, Some(key.scope()), Some(key), false)
+                    }
+                    Name::Derived(scope) => {
+                        RequestLabel::new(&parts.method, Some(scope), None, derived)
+                    }
+                };
                 let path = decoded.unwrap_or_else(|| parts.uri.path().to_owned());
                 protect_relied_on_headers(config, &mut parts.headers);
                 // The keyed path calls a clone (made ready on the task that uses it),
@@ -230,7 +227,8 @@ where
                     response
                 }))
             }
-            (Err(Entry::Refuse(error)), _) => {
+            (Err((Entry::Refuse(error), scope)), _) => {
+                let label = RequestLabel::new(&parts.method, scope.as_ref(), None, derived);
                 tracing::debug!(%error, "refused a keyed request");
                 let response = problem(&shared.config, &error, None);
                 let outcome = Outcome::of(&error);
