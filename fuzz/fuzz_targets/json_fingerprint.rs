@@ -1,13 +1,15 @@
 //! The JSON side of the request fingerprint (`idem_http::fingerprint`): `canonical_json` of
 //! arbitrary bodies with `json_ignore` pointers never panics, gives JSON, gives the same
 //! text every time, and (for documents without floating-point numbers, which serde_json's
-//! default parser may round differently on the way back) is a fixed point.
+//! default parser may round differently on the way back) is a fixed point; and gives
+//! exactly what the long way through a `serde_json::Value` gives (`canonical_json` takes a
+//! shortcut for documents already in canonical form).
 //!
 //! Input: pointers, one a line, then a NUL byte, then the body. Without a NUL byte the
 //! whole input is the body and there are no pointers.
 #![no_main]
 
-use idem_http::fingerprint::{JsonPointer, canonical_json};
+use idem_http::fingerprint::{JsonPointer, canonical_json, canonical_json_via_value};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -26,6 +28,11 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
 
+    assert_eq!(
+        canonical_json(body, &pointers),
+        canonical_json_via_value(body, &pointers),
+        "the shortcut and the long way disagree"
+    );
     let Some(canonical) = canonical_json(body, &pointers) else {
         assert!(
             serde_json::from_slice::<Value>(body).is_err(),

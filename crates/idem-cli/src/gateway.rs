@@ -149,7 +149,7 @@ impl Gateway {
         &self,
         request: Request<Incoming>,
         client: SocketAddr,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+    ) -> impl Future<Output = Response<Body>> + Send + use<> {
         // The one routing decision (normalised path, methods in any case) lives in the
         // configuration, so the gateway's tests and serving cannot disagree.
         let service = match self.config.route(request.method(), request.uri().path()) {
@@ -296,10 +296,11 @@ pub async fn serve_until(
             let gateway = gateway.clone();
             let activity = Arc::clone(&activity);
             hyper::service::service_fn(move |request| {
-                let gateway = gateway.clone();
                 let busy = activity.begin();
+                // `handle` borrows the gateway only to start: no clone of it per request.
+                let answer = gateway.handle(request, client);
                 async move {
-                    let response = gateway.handle(request, client).await;
+                    let response = answer.await;
                     drop(busy);
                     Ok::<_, Infallible>(response)
                 }

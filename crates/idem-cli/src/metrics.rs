@@ -22,8 +22,6 @@
 //! assert!(!text.contains("idem_store_commits_total"));
 //! ```
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -312,9 +310,9 @@ impl GatewayMetrics {
         }
     }
 
-    fn store_call(self: &Arc<Self>, operation: usize) -> StoreTimer {
+    fn store_call(&self, operation: usize) -> StoreTimer<'_> {
         StoreTimer {
-            metrics: Arc::clone(self),
+            metrics: self,
             operation,
             started: Instant::now(),
         }
@@ -346,13 +344,13 @@ impl Drop for RequestTimer {
 
 /// Records one store call's duration when dropped, so that a call cut off by the layer's
 /// `store_timeout` counts too.
-struct StoreTimer {
-    metrics: Arc<GatewayMetrics>,
+struct StoreTimer<'a> {
+    metrics: &'a GatewayMetrics,
     operation: usize,
     started: Instant,
 }
 
-impl Drop for StoreTimer {
+impl Drop for StoreTimer<'_> {
     fn drop(&mut self) {
         self.metrics.store_latency[self.operation].record(self.started.elapsed().as_secs_f64());
     }
@@ -436,35 +434,29 @@ impl Store for TimedStore {
 #[derive(Debug, Clone)]
 pub struct TimedProxy {
     inner: Proxy,
-    metrics: Arc<GatewayMetrics>,
 }
 
 impl TimedProxy {
     /// Times every call to `inner` into `metrics`.
     pub fn new(inner: Proxy, metrics: Arc<GatewayMetrics>) -> Self {
-        Self { inner, metrics }
+        // Recorded by the proxy's own future: wrapping that would box it a second time and
+        // clone an `Arc` per request.
+        Self {
+            inner: inner.recording_latency(metrics.upstream_latency.clone()),
+        }
     }
 }
 
 impl tower::Service<Request<Body>> for TimedProxy {
     type Response = Response<Incoming>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ProxyError>> + Send>>;
+    type Future = <Proxy as tower::Service<Request<Body>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let call = self.inner.call(request);
-        let metrics = Arc::clone(&self.metrics);
-        Box::pin(async move {
-            let started = Instant::now();
-            let answer = call.await;
-            metrics
-                .upstream_latency
-                .record(started.elapsed().as_secs_f64());
-            answer
-        })
+        self.inner.call(request)
     }
 }

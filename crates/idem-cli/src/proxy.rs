@@ -2,7 +2,7 @@
 //! a pooled keep-alive connection, as a proxy must, in plain HTTP or over TLS.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +18,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use idem_http::NotSent;
+use metrics::Histogram;
 use rustls::ClientConfig;
+use tokio::time::Instant;
 
 use crate::tls::{TlsError, TlsFiles};
 
@@ -138,17 +140,22 @@ impl Upstream {
     }
 
     fn uri_for(&self, original: &Uri) -> Result<Uri, http::Error> {
-        let path_and_query = original
-            .path_and_query()
-            .map(PathAndQuery::as_str)
-            .unwrap_or("/");
-        let path_and_query: PathAndQuery =
-            format!("{}{}", self.base_path, path_and_query).parse()?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
+        let original = original.path_and_query();
+        // Without a base path the request's own path and query go as they are: cloning
+        // them shares their bytes, where formatting and parsing them again would copy.
+        let path_and_query = match original {
+            Some(original) if self.base_path.is_empty() => original.clone(),
+            None if self.base_path.is_empty() => PathAndQuery::from_static("/"),
+            _ => {
+                let original = original.map_or("/", PathAndQuery::as_str);
+                format!("{}{}", self.base_path, original).parse()?
+            }
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Ok(Uri::from_parts(parts)?)
     }
 }
 
@@ -163,11 +170,23 @@ impl std::fmt::Display for Upstream {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// A tower service that forwards requests to one upstream.
+/// A tower service that forwards requests to one upstream. Cheap to clone: its parts are
+/// shared.
 #[derive(Debug, Clone)]
 pub struct Proxy {
+    shared: Arc<Forwarder>,
+}
+
+/// What every clone of a [`Proxy`] shares: cloned per request, the client and the upstream
+/// would cost a dozen reference counts and an allocation each time.
+#[derive(Debug, Clone)]
+struct Forwarder {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     upstream: Upstream,
+    /// The `Host` every forwarded request carries, made once.
+    host: Option<HeaderValue>,
+    /// Where the time to each upstream answer (or failure) is recorded, if anywhere.
+    latency: Option<Histogram>,
 }
 
 /// The upstream could not be reached, or the exchange failed. An error that proves the
@@ -207,12 +226,27 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .build(connector);
-        Self { client, upstream }
+        let host = HeaderValue::from_str(upstream.authority.as_str()).ok();
+        Self {
+            shared: Arc::new(Forwarder {
+                client,
+                upstream,
+                host,
+                latency: None,
+            }),
+        }
+    }
+
+    /// Records into `latency` the time from each call to the upstream's response head (or
+    /// failure), in seconds.
+    pub fn recording_latency(mut self, latency: Histogram) -> Self {
+        Arc::make_mut(&mut self.shared).latency = Some(latency);
+        self
     }
 
     /// Where this proxy sends requests.
     pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+        &self.shared.upstream
     }
 }
 
@@ -226,34 +260,46 @@ impl tower::Service<Request<Body>> for Proxy {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let client = self.client.clone();
-        let upstream = self.upstream.clone();
+        let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let (mut parts, body) = request.into_parts();
-            // HTTP/2 (and absolute-form HTTP/1.1) clients name the host in the URI.
-            let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-                let authority = parts.uri.authority()?;
-                HeaderValue::from_str(authority.as_str()).ok()
-            });
-            // Nothing has been sent if the upstream URI cannot even be built.
-            parts.uri = upstream
-                .uri_for(&parts.uri)
-                .map_err(|error| -> ProxyError { Box::new(NotSent::new(error)) })?;
-            let client_addr = parts.extensions.get::<ClientAddr>().copied();
-            strip_hop_by_hop(&mut parts.headers);
-            if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
-                parts.headers.insert(header::HOST, host);
+            let started = Instant::now();
+            let answer = shared.forward(request).await;
+            if let Some(latency) = &shared.latency {
+                latency.record(started.elapsed().as_secs_f64());
             }
-            add_forwarded(&mut parts.headers, client_addr, original_host);
-            // Always HTTP/1.1 to the upstream, whatever the client spoke.
-            parts.version = http::Version::HTTP_11;
-            let mut response = client
-                .request(Request::from_parts(parts, body))
-                .await
-                .map_err(mark_not_sent)?;
-            strip_hop_by_hop(response.headers_mut());
-            Ok(response)
+            answer
         })
+    }
+}
+
+impl Forwarder {
+    async fn forward(&self, request: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        // HTTP/2 (and absolute-form HTTP/1.1) clients name the host in the URI.
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            let authority = parts.uri.authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
+        // Nothing has been sent if the upstream URI cannot even be built.
+        parts.uri = self
+            .upstream
+            .uri_for(&parts.uri)
+            .map_err(|error| -> ProxyError { Box::new(NotSent::new(error)) })?;
+        let client_addr = parts.extensions.get::<ClientAddr>().copied();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(host) = &self.host {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        add_forwarded(&mut parts.headers, client_addr, original_host);
+        // Always HTTP/1.1 to the upstream, whatever the client spoke.
+        parts.version = http::Version::HTTP_11;
+        let mut response = self
+            .client
+            .request(Request::from_parts(parts, body))
+            .await
+            .map_err(mark_not_sent)?;
+        strip_hop_by_hop(response.headers_mut());
+        Ok(response)
     }
 }
 
@@ -350,6 +396,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes the headers that concern one connection only (RFC 9110 §7.6.1), including any
 /// that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one look at each name spares hashing eight absent ones.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -362,19 +412,89 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 fn add_forwarded(headers: &mut HeaderMap, client: Option<ClientAddr>, host: Option<HeaderValue>) {
     if let Some(ClientAddr(addr)) = client {
-        let ip = addr.ip().to_string();
-        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(earlier) => format!("{earlier}, {ip}"),
-            None => ip,
+        let ip = addr.ip();
+        let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {ip}")),
+            None => ip_value(ip),
         };
-        if let Ok(value) = HeaderValue::from_str(&chain) {
-            headers.insert("x-forwarded-for", value);
+        if let Ok(value) = value {
+            headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = host {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+/// `ip` as a header value. An IPv4 address is written by hand: through `Display` it cost
+/// more than all the rest of the forwarding headers.
+fn ip_value(ip: IpAddr) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string());
+    };
+    let mut text = [0_u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&text[..len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ip_is_written_as_display_writes_it() {
+        let mut ips: Vec<IpAddr> = vec![
+            "::1".parse().unwrap(),
+            "::ffff:10.0.0.1".parse().unwrap(),
+            "2001:db8::8a2e:370:7334".parse().unwrap(),
+        ];
+        for octet in 0..=255_u8 {
+            ips.push(IpAddr::from([octet, 255 - octet, octet / 2, 9]));
+        }
+        for ip in ips {
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_the_rest_stay() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert("x-trace", HeaderValue::from_static("1"));
+        let untouched = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, untouched);
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-trace, keep-alive"),
+        );
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::CONTENT_TYPE));
     }
 }

@@ -350,3 +350,34 @@ fn the_on_conflict_flag_reaches_the_policy_and_a_bad_mode_is_refused() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--on-conflict"), "{stderr}");
 }
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(idem_bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", "http://127.0.0.1:9", "--store", "memory:"])
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("idem serve is ready") {
+                let _ = line_tx.send(line);
+                return;
+            }
+        }
+    });
+    let ready = line_rx.recv_timeout(Duration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    let ready = ready.expect("idem serve did not log its ready line");
+    assert!(!ready.contains('\u{1b}'), "escape codes in {ready:?}");
+}

@@ -335,10 +335,13 @@ impl ScopedKey {
 
 /// The first 8 bytes of a digest in hex: enough to tell requests apart in logs.
 fn short_hex(digest: &[u8]) -> String {
-    digest[..8]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(16);
+    for byte in &digest[..8] {
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    hex
 }
 
 impl fmt::Debug for ScopedKey {
@@ -350,6 +353,17 @@ impl fmt::Debug for ScopedKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_hex_is_the_first_eight_bytes_in_lower_case() {
+        let digest: Vec<u8> = (0_u8..32)
+            .map(|i| i.wrapping_mul(37).wrapping_add(5))
+            .collect();
+        let expected: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(short_hex(&digest), expected);
+        assert_eq!(short_hex(&[0; 32]), "0000000000000000");
+        assert_eq!(short_hex(&[0xff; 8]), "ffffffffffffffff");
+    }
 
     #[test]
     fn sf_string_and_bare_token_are_one_key() {

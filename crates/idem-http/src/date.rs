@@ -1,6 +1,10 @@
 //! HTTP dates (RFC 9110 IMF-fixdate), for `Idempotency-Key-Expires`.
 
+use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::HeaderValue;
 
 const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
 const MONTHS: [&str; 12] = [
@@ -30,6 +34,29 @@ pub fn fmt_http_date(at: SystemTime) -> String {
         of_day % 3600 / 60,
         of_day % 60
     )
+}
+
+/// [`fmt_http_date`] as a header value. The last second formatted is kept per thread:
+/// records completed within one second mostly expire within one second too, and
+/// formatting costs a few allocations per response.
+pub(crate) fn http_date_value(at: SystemTime) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let format = || HeaderValue::from_maybe_shared(Bytes::from(fmt_http_date(at))).ok();
+    LAST.try_with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((cached, value)) if *cached == secs => Some(value.clone()),
+            _ => {
+                let value = format()?;
+                *last = Some((secs, value.clone()));
+                Some(value)
+            }
+        }
+    })
+    .unwrap_or_else(|_| format())
 }
 
 /// Year, month (1-12) and day of the month of the day `days` after 1970-01-01
@@ -65,6 +92,27 @@ mod tests {
         assert_eq!(at(4_107_542_400), "Mon, 01 Mar 2100 00:00:00 GMT");
         assert_eq!(
             fmt_http_date(UNIX_EPOCH - Duration::from_secs(5)),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
+    }
+
+    #[test]
+    fn the_cached_value_is_the_formatted_date_of_its_second() {
+        for secs in [
+            1_767_225_599,
+            1_767_225_599,
+            1_767_225_600,
+            0,
+            1_767_225_599,
+        ] {
+            for nanos in [0, 999_999_999] {
+                let at = UNIX_EPOCH + Duration::new(secs, nanos);
+                assert_eq!(http_date_value(at).unwrap(), fmt_http_date(at).as_str());
+            }
+        }
+        let before = UNIX_EPOCH - Duration::from_secs(5);
+        assert_eq!(
+            http_date_value(before).unwrap(),
             "Thu, 01 Jan 1970 00:00:00 GMT"
         );
     }

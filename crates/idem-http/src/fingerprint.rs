@@ -7,6 +7,7 @@
 //! body enters as [`canonical_json`] instead of its raw bytes, so key order, whitespace and
 //! the fields named by `json_ignore` make no difference.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::str::FromStr;
 
@@ -47,7 +48,7 @@ pub(crate) fn request_fingerprint(
         }
     }
     let canonical = (config.policy.json_canonical && is_json(parts))
-        .then(|| canonical_json(body, &config.json_ignore))
+        .then(|| canonical_text(body, &config.json_ignore))
         .flatten();
     match canonical {
         Some(json) => builder.push("json body", json.as_bytes()),
@@ -105,6 +106,26 @@ fn is_json(parts: &Parts) -> bool {
 /// assert_eq!(canonical_json(b"not json", &[]), None);
 /// ```
 pub fn canonical_json(body: &[u8], ignore: &[JsonPointer]) -> Option<String> {
+    canonical_text(body, ignore).map(Cow::into_owned)
+}
+
+/// [`canonical_json`], borrowing `body` when it already is in canonical form.
+fn canonical_text<'a>(body: &'a [u8], ignore: &[JsonPointer]) -> Option<Cow<'a, str>> {
+    // Most clients send the same compact document for every retry, often with its keys
+    // already sorted: recognising that is a scan, where parsing builds a tree of maps and
+    // strings only to write the same bytes back.
+    if ignore.is_empty()
+        && let Some(text) = already_canonical(body)
+    {
+        return Some(Cow::Borrowed(text));
+    }
+    canonical_json_via_value(body, ignore).map(Cow::Owned)
+}
+
+/// [`canonical_json`] the long way, always through a `serde_json::Value`: what the scan of
+/// [`already_canonical`] must agree with (the fuzz target and tests compare the two).
+#[doc(hidden)]
+pub fn canonical_json_via_value(body: &[u8], ignore: &[JsonPointer]) -> Option<String> {
     let mut value: Value = serde_json::from_slice(body).ok()?;
     for pointer in ignore {
         pointer.remove_from(&mut value);
@@ -152,6 +173,138 @@ fn write_canonical(value: &Value, out: &mut String) {
 fn write_string(s: &str, out: &mut String) {
     // serde_json escapes exactly as JSON requires; writing into a String cannot fail.
     let _ = write!(out, "{}", Value::from(s));
+}
+
+/// Nesting the scan follows at most; deeper documents take the long way (where serde_json's
+/// own limit of 128 applies).
+const MAX_SCAN_DEPTH: usize = 64;
+
+/// `body` as text if [`canonical_json_via_value`] would give it back unchanged, recognised
+/// without parsing it into a tree; `None` means "not known to be": take the long way.
+///
+/// Only a subset of canonical documents is recognised, the one where that is certain:
+/// no whitespace outside strings; object keys strictly increasing by their bytes (so no
+/// duplicates); strings without escapes (serde_json writes a string without `"`, `\` or
+/// control characters as it is, and those cannot appear unescaped in JSON); integers of
+/// at most 18 digits without leading zeros and other than `-0` (serde_json reads them as
+/// 64-bit integers and writes them back digit for digit); `true`, `false`, `null`. Any
+/// fraction or exponent, being read as `f64` and written back in its shortest form, takes
+/// the long way.
+fn already_canonical(body: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut scan = Scan { bytes: body, at: 0 };
+    (scan.value(0) && scan.at == body.len()).then_some(text)
+}
+
+struct Scan<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn eat(&mut self, byte: u8) -> bool {
+        let next = self.bytes.get(self.at) == Some(&byte);
+        self.at += usize::from(next);
+        next
+    }
+
+    fn value(&mut self, depth: usize) -> bool {
+        match self.bytes.get(self.at) {
+            Some(b'{') => depth < MAX_SCAN_DEPTH && self.object(depth + 1),
+            Some(b'[') => depth < MAX_SCAN_DEPTH && self.array(depth + 1),
+            Some(b'"') => self.string().is_some(),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.integer(),
+            _ => false,
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> bool {
+        self.at += 1;
+        if self.eat(b'}') {
+            return true;
+        }
+        let mut previous: Option<&[u8]> = None;
+        loop {
+            let Some(name) = self.string() else {
+                return false;
+            };
+            if previous.is_some_and(|previous| previous >= name) {
+                return false;
+            }
+            previous = Some(name);
+            if !self.eat(b':') || !self.value(depth) {
+                return false;
+            }
+            if self.eat(b'}') {
+                return true;
+            }
+            if !self.eat(b',') {
+                return false;
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> bool {
+        self.at += 1;
+        if self.eat(b']') {
+            return true;
+        }
+        loop {
+            if !self.value(depth) {
+                return false;
+            }
+            if self.eat(b']') {
+                return true;
+            }
+            if !self.eat(b',') {
+                return false;
+            }
+        }
+    }
+
+    /// The bytes between the quotes of a string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a [u8]> {
+        if !self.eat(b'"') {
+            return None;
+        }
+        let start = self.at;
+        loop {
+            match *self.bytes.get(self.at)? {
+                b'"' => {
+                    self.at += 1;
+                    return Some(&self.bytes[start..self.at - 1]);
+                }
+                b'\\' => return None,
+                byte if byte < 0x20 => return None,
+                _ => self.at += 1,
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> bool {
+        let matches = self.bytes[self.at..].starts_with(word);
+        self.at += if matches { word.len() } else { 0 };
+        matches
+    }
+
+    fn integer(&mut self) -> bool {
+        let negative = self.eat(b'-');
+        let start = self.at;
+        while matches!(self.bytes.get(self.at), Some(b'0'..=b'9')) {
+            self.at += 1;
+        }
+        let digits = &self.bytes[start..self.at];
+        let plain = match digits {
+            [] => false,
+            [b'0'] => !negative,
+            [b'0', ..] => false,
+            _ => digits.len() <= 18,
+        };
+        plain && !matches!(self.bytes.get(self.at), Some(b'.' | b'e' | b'E'))
+    }
 }
 
 /// A JSON pointer (RFC 6901) naming a member to leave out of a fingerprint, such as
@@ -406,6 +559,115 @@ mod tests {
             text.unwrap(),
             "{\"q\\\"\":\"a\\nb\",\"\u{e9}\":[true,null,1.5,-2]}"
         );
+    }
+
+    /// The scan's verdict, checked against the long way: whatever it accepts comes out
+    /// of the long way unchanged.
+    fn same_both_ways(body: &[u8]) -> bool {
+        let slow = canonical_json_via_value(body, &[]);
+        if let Some(text) = already_canonical(body) {
+            assert_eq!(
+                slow.as_deref(),
+                Some(text),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(canonical_json(body, &[]), slow);
+        already_canonical(body).is_some()
+    }
+
+    #[test]
+    fn the_scan_accepts_only_what_the_long_way_gives_back() {
+        for accepted in [
+            &br#"{"amount":1250,"currency":"EUR","customer":"cus_42","note":"idem bench"}"#[..],
+            br#"{}"#,
+            br#"[]"#,
+            br#"[1,-2,0,true,false,null,"",{"":[]}]"#,
+            "{\"a\":{\"b\":{\"c\":[{\"d\":1}]}},\"b\":\"\u{e9}\u{7f}\"}".as_bytes(),
+            br#"123456789012345678"#,
+            br#"-123456789012345678"#,
+            "\"caf\u{e9} \u{1f600}\"".as_bytes(),
+        ] {
+            assert!(
+                same_both_ways(accepted),
+                "{:?}",
+                String::from_utf8_lossy(accepted)
+            );
+        }
+        for refused in [
+            &br#"{"b":1,"a":2}"#[..],
+            br#"{"a":1,"a":2}"#,
+            br#"{"a": 1}"#,
+            br#" {}"#,
+            b"{}\n",
+            br#"[1.5]"#,
+            br#"[1e3]"#,
+            br#"[1E3]"#,
+            br#"[-0]"#,
+            br#"[01]"#,
+            br#"[-]"#,
+            br#"[1234567890123456789]"#,
+            br#"["a\nb"]"#,
+            br#"["\u0041"]"#,
+            b"[\"tab\there\"]",
+            br#"[tru]"#,
+            br#"[true"#,
+            br#"{"a":1"#,
+            br#"{"a"}"#,
+            br#"{"a":1,}"#,
+            br#"[1,]"#,
+            br#"[1]]"#,
+            b"\"\xff\"",
+            b"",
+        ] {
+            assert!(
+                !same_both_ways(refused),
+                "{:?}",
+                String::from_utf8_lossy(refused)
+            );
+        }
+        let nested = |depth| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert!(same_both_ways(nested(MAX_SCAN_DEPTH).as_bytes()));
+        assert!(!same_both_ways(nested(MAX_SCAN_DEPTH + 1).as_bytes()));
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e6_f64..1e6).prop_map(Value::from),
+            "[a-c\\\\\"\u{0}-\u{1f}\u{e9} ]{0,4}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-c\\\\\u{e9}]{0,3}", inner, 0..4)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_scan_agrees_with_the_long_way_on_documents(value in json_value(), pretty: bool) {
+            let text = if pretty {
+                serde_json::to_string_pretty(&value).unwrap()
+            } else {
+                serde_json::to_string(&value).unwrap()
+            };
+            same_both_ways(text.as_bytes());
+            let canonical = canonical_json_via_value(text.as_bytes(), &[]).unwrap();
+            same_both_ways(canonical.as_bytes());
+        }
+
+        #[test]
+        fn the_scan_agrees_with_the_long_way_on_any_bytes(body in r#"[\[\]{}",:0-9a\-.eE\\ntrufls ]{0,24}"#) {
+            same_both_ways(body.as_bytes());
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Response, StatusCode};
 use idem_core::{BoxError, KeyError, StoreError};
 use serde::Serialize;
 
-use crate::{IDEMPOTENCY_KEY_EXPIRES, fmt_http_date};
+use crate::IDEMPOTENCY_KEY_EXPIRES;
 
 /// The media type of problem bodies.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -336,7 +336,7 @@ impl IdempotencyError {
 
 /// Sets `Idempotency-Key-Expires`.
 pub(crate) fn set_expires(headers: &mut http::HeaderMap, at: SystemTime) {
-    if let Ok(value) = HeaderValue::from_str(&fmt_http_date(at)) {
+    if let Some(value) = crate::date::http_date_value(at) {
         headers.insert(IDEMPOTENCY_KEY_EXPIRES, value);
     }
 }

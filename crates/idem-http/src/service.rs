@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::future::Future as _;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -65,7 +66,9 @@ pub(crate) struct Shared<St> {
 ///
 /// The inner service must be `Clone + Send + 'static` with `Send` futures: each keyed
 /// request runs on its own tokio task (so must be called within a tokio runtime), detached
-/// from the client, with a clone of the inner service. Request bodies of keyed requests are
+/// from the client, with a clone of the inner service; only one whose claim is answered at
+/// once without running anything (a replay from an in-process store) is answered on the
+/// caller's task. Request bodies of keyed requests are
 /// read whole and rebuilt with `From<Bytes>` (axum's `Body` does this; for hyper's
 /// `Incoming`, map requests to `axum::body::Body` or another such body first).
 ///
@@ -177,25 +180,22 @@ where
         };
         let entry = on_arrival(config, arrival);
         let started = Instant::now();
-        let label = RequestLabel::new(
-            &parts.method,
-            scope.as_ref(),
-            match (&entry, &scope) {
-                (Entry::Keyed(key), Some(scope)) => {
-                    Some(ScopedKey::new(scope.clone(), key.clone()))
-                }
-                _ => None,
-            }
-            .as_ref(),
-            matches!(entry, Entry::Derive),
-        );
+        let derived = matches!(entry, Entry::Derive);
         let name = match (entry, scope) {
             (Entry::Keyed(key), Some(scope)) => Ok(Name::Given(ScopedKey::new(scope, key))),
             (Entry::Derive, Some(scope)) => Ok(Name::Derived(scope)),
-            (entry, _) => Err(entry),
+            (entry, scope) => Err((entry, scope)),
         };
         match (name, decoded) {
             (Ok(name), Ok(decoded)) => {
+                let label = match &name {
+                    Name::Given(key) => {
+                        RequestLabel::new(&parts.method, Some(key.scope()), Some(key), false)
+                    }
+                    Name::Derived(scope) => {
+                        RequestLabel::new(&parts.method, Some(scope), None, derived)
+                    }
+                };
                 let path = decoded.unwrap_or_else(|| parts.uri.path().to_owned());
                 protect_relied_on_headers(config, &mut parts.headers);
                 // The keyed path calls a clone (made ready on the task that uses it),
@@ -227,7 +227,8 @@ where
                     response
                 }))
             }
-            (Err(Entry::Refuse(error)), _) => {
+            (Err((Entry::Refuse(error), scope)), _) => {
+                let label = RequestLabel::new(&parts.method, scope.as_ref(), None, derived);
                 tracing::debug!(%error, "refused a keyed request");
                 let response = problem(&shared.config, &error, None);
                 let outcome = Outcome::of(&error);
@@ -332,23 +333,36 @@ where
     let mut first_claim = true;
     let mut job = Job { inner, parts, body };
     loop {
-        // The claim and the run share one task, so a client that goes away at any point
-        // after this cannot leave a claimed key behind or cancel the inner call.
         let running = shared.stats.enter();
         // Boxed so that spawning moves a pointer, not the whole (large) future.
-        let claim = Box::pin(attempt(
+        let mut claim = Box::pin(attempt(
             Arc::clone(&shared),
             key.clone(),
             fingerprint,
             retention,
             job,
         ));
-        let task = tokio::spawn(async move {
-            let attempt = claim.await;
-            drop(running);
-            attempt
-        });
-        let refusal = match task.await {
+        // Its first step runs here: a store that answers at once (a replay from memory)
+        // needs no task of its own. Once it waits, the rest runs on its own task, spawned
+        // within this same poll, so a client that goes away at any point cannot leave a
+        // claimed key behind or cancel the inner call: the claim and the run are never
+        // dropped half-way.
+        let first = std::future::poll_fn(|cx| Poll::Ready(claim.as_mut().poll(cx))).await;
+        let answer = match first {
+            Poll::Ready(attempt) => {
+                drop(running);
+                Ok(attempt)
+            }
+            Poll::Pending => {
+                tokio::spawn(async move {
+                    let attempt = claim.await;
+                    drop(running);
+                    attempt
+                })
+                .await
+            }
+        };
+        let refusal = match answer {
             Ok(Attempt::Ran(response)) => return response,
             Ok(Attempt::Refused(refusal, returned)) => {
                 job = returned;

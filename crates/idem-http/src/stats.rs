@@ -167,7 +167,25 @@ pub(crate) struct RequestLabel {
 
 impl RequestLabel {
     /// A derived key is not known until the body is read, so it shows as `derived`.
+    /// Empty when the line is not logged: the digests cost a hash each.
     pub(crate) fn new(
+        method: &Method,
+        scope: Option<&Scope>,
+        key: Option<&ScopedKey>,
+        derived: bool,
+    ) -> Self {
+        if !tracing::enabled!(target: "idem::request", tracing::Level::INFO) {
+            return Self {
+                method: method.clone(),
+                scope: None,
+                key: None,
+            };
+        }
+        Self::made(method, scope, key, derived)
+    }
+
+    /// [`new`](Self::new), whether or not the line is logged.
+    fn made(
         method: &Method,
         scope: Option<&Scope>,
         key: Option<&ScopedKey>,
@@ -377,12 +395,12 @@ mod tests {
             Scope::new("tenant-secret"),
             idem_core::Key::new("order-secret").unwrap(),
         );
-        let label = RequestLabel::new(&Method::POST, Some(key.scope()), Some(&key), false);
+        let label = RequestLabel::made(&Method::POST, Some(key.scope()), Some(&key), false);
         let shown = format!("{:?} {:?}", label.scope, label.key);
         assert!(!shown.contains("secret"), "{shown}");
         assert_eq!(label.key.as_deref().map(str::len), Some(16));
         assert_eq!(label.key, Some(key.log_id()));
-        let derived = RequestLabel::new(&Method::POST, None, None, true);
+        let derived = RequestLabel::made(&Method::POST, None, None, true);
         assert_eq!(derived.key.as_deref(), Some("derived"));
     }
 }
