@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!   without idem:  clients ──▶ lossy hop ──▶ payments upstream
-//!   with idem:     clients ──▶ lossy hop ──▶ idem gateway (redb in a temp dir) ──▶ payments upstream
+//!   with idem:     clients ──▶ lossy hop ──▶ idem gateway (fjall in a temp dir) ──▶ payments upstream
 //! ```
 //!
 //! - The **payments upstream** is a naive API: every `POST /payments` it receives is a new
@@ -115,7 +115,7 @@ async fn scenario(
     })
     .await?;
 
-    // With idem, the gateway sits between the hop and the upstream, on a fresh redb file.
+    // With idem, the gateway sits between the hop and the upstream, on a fresh fjall store.
     let mut gateway = None;
     let target = if with_idem {
         let running = GatewayRun::start(upstream.addr).await?;

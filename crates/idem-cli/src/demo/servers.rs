@@ -69,7 +69,8 @@ impl Drop for Server {
     }
 }
 
-/// The idem gateway on `127.0.0.1:0`, with a redb store in a temporary directory.
+/// The idem gateway on `127.0.0.1:0`, with the default durable store (fjall) in a temporary
+/// directory.
 pub(super) struct GatewayRun {
     pub(super) addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -87,7 +88,7 @@ impl GatewayRun {
         let overrides = Overrides {
             listen: Some("127.0.0.1:0".to_owned()),
             upstream: Some(format!("http://{upstream}")),
-            store: Some(format!("redb:{}", dir.path().join("idem.redb").display())),
+            store: Some(format!("fjall:{}", dir.path().join("idem.fjall").display())),
             ..Overrides::default()
         };
         let config = GatewayConfig::resolve(FileConfig::default(), &overrides)?;
