@@ -43,8 +43,9 @@ fuzz_target!(|data: &[u8]| {
             "*",
             "",
         ] {
-            let _ = config.route(&method, path);
-            let _ = config.policy_for(&method, path);
+            if let idem_cli::config::Routing::Route(index) = config.route(&method, path) {
+                let _ = &config.routes[index].policy;
+            }
         }
     }
 });
