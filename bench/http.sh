@@ -7,6 +7,8 @@
 #   direct   - wrk straight to the upstream
 #   nginx    - through nginx as a plain reverse proxy, keep-alive to the upstream
 #   memory   - through `idem serve --store memory:`
+#   fjall    - through `idem serve --store fjall:DIR` (the default durable store; DIR on
+#              the project's disk)
 #   redb     - through `idem serve --store redb:FILE` (FILE on the project's disk)
 #   redis    - through `idem serve --store redis://…/?prefix=idem-bench-RANDOM` (REDIS_URL)
 #   postgres - through `idem serve --store postgres://…?table=idem_bench_RANDOM.records`
@@ -39,7 +41,7 @@
 #
 # Knobs (environment): DURATION (10s), WARMUP (3s), THREADS (2), CONNECTIONS (64),
 # REPLAY_KEYS (100), PORT_BASE (38080: uses +1..+3), NGINX_WORKERS (nproc),
-# STORES ("memory redb redis postgres": the idem rows to run; drop redis or postgres when
+# STORES ("memory fjall redb redis postgres": the idem rows to run; drop redis or postgres when
 # no such server is at hand), PEERS ("idempotent-proxy-server" when redis is in STORES; empty: none),
 # IPX_VERSION (1.2.2), IPX_REDIS_DB (15), BENCH_TOOLS (~/.cache/idem/bench-tools), REDIS_URL (redis://127.0.0.1:6379, no path or query),
 # PG_URL (postgres://postgres@127.0.0.1:5432/test, no query), PGBENCH_CLIENTS
@@ -58,7 +60,7 @@ REPLAY_KEYS=${REPLAY_KEYS:-100}
 PORT_BASE=${PORT_BASE:-38080}
 NGINX_WORKERS=${NGINX_WORKERS:-$(nproc)}
 OUT=${OUT:-$TARGET_DIR/bench-http/results.md}
-STORES=${STORES-memory redb redis postgres}
+STORES=${STORES-memory fjall redb redis postgres}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/test}
 PGBENCH_CLIENTS=${PGBENCH_CLIENTS:-$CONNECTIONS}
@@ -93,8 +95,8 @@ for peer in $PEERS; do
 done
 for store in $STORES; do
     case $store in
-    memory | redb | redis | postgres) ;;
-    *) die "STORES: unknown store '$store' (memory, redb, redis, postgres)" ;;
+    memory | fjall | redb | redis | postgres) ;;
+    *) die "STORES: unknown store '$store' (memory, fjall, redb, redis, postgres)" ;;
     esac
 done
 
@@ -182,11 +184,11 @@ UP_BIN=$TARGET_DIR/release/examples/bench-upstream
 BODY=$(sed -n "s/^local body = '\(.*\)'$/\1/p" "$ROOT/bench/replay.lua")
 [ -n "$BODY" ] || die "cannot read the body from bench/replay.lua"
 
-# --- work directory, on the project's disk (the redb file must not be on a tmpfs) ------
+# --- work directory, on the project's disk (the fjall and redb files must not be on a tmpfs) ------
 mkdir -p "$TARGET_DIR/bench-http"
 WORK=$(mktemp -d "$TARGET_DIR/bench-http/run.XXXXXX")
 WORK_FS=$(findmnt -no FSTYPE -T "$WORK" 2>/dev/null || stat -f -c %T "$WORK")
-[ "$WORK_FS" = tmpfs ] && log "warning: $WORK is on a tmpfs; redb figures will not reflect a disk"
+[ "$WORK_FS" = tmpfs ] && log "warning: $WORK is on a tmpfs; fjall and redb figures will not reflect a disk"
 
 # This run's names in the shared stores: a Redis key prefix and a Postgres schema.
 RAND=$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')
@@ -440,10 +442,11 @@ start_proxy() {
         sleep 0.2
         mapfile -t PROXY_PIDS < <(echo "$pid"; pgrep -P "$pid")
         ;;
-    memory | redb | redis | postgres)
+    memory | fjall | redb | redis | postgres)
         local store
         case $target in
         memory) store=memory: ;;
+        fjall) store=fjall:$WORK/idem-$workload.fjall ;;
         redb) store=redb:$WORK/idem-$workload.redb ;;
         redis) store=${REDIS_URL%/}/?prefix=$REDIS_PREFIX ;;
         postgres) store=$PG_URL?table=$PG_SCHEMA.records ;;
@@ -550,7 +553,7 @@ measure() {
         seed_replays "$url" "$nonce"
         seeded=$((2 * REPLAY_KEYS))
         case $target in
-        memory | redb | redis | postgres)
+        memory | fjall | redb | redis | postgres)
             seeded=$((seeded + 1))
             curl -s -D - -o /dev/null -H 'Content-Type: application/json' \
                 -H "Idempotency-Key: r-$nonce-1" --data-binary "$BODY" "$url" |
@@ -687,7 +690,7 @@ note_load() {
     LOAD_MAX=$(awk -v a="$LOAD_MAX" -v b="$now" 'BEGIN { print (b > a ? b : a) }')
 }
 RUNS=(new:direct new:nginx)
-for store in memory redb redis postgres; do
+for store in memory fjall redb redis postgres; do
     has_store "$store" || continue
     RUNS+=("new:$store")
     [ "$store" = redis ] && has_peer idempotent-proxy-server && RUNS+=(new:ipx)
@@ -699,7 +702,7 @@ for store in memory redb redis postgres; do
 done
 has_store memory && RUNS+=(nokey:memory)
 RUNS+=(replay:direct replay:nginx)
-for store in memory redb redis postgres; do
+for store in memory fjall redb redis postgres; do
     has_store "$store" && RUNS+=("replay:$store")
     [ "$store" = redis ] && has_peer idempotent-proxy-server && RUNS+=(replay:ipx)
 done
@@ -746,7 +749,7 @@ REPORT=$(
     END {
         label["new"] = "new keys"; label["replay"] = "replays"; label["nokey"] = "no key (pass-through)"
         name["direct"] = "direct"; name["nginx"] = "nginx"
-        name["memory"] = "idem memory:"; name["redb"] = "idem redb:"
+        name["memory"] = "idem memory:"; name["fjall"] = "idem fjall: (default)"; name["redb"] = "idem redb:"
         name["redis"] = "idem redis://"; name["postgres"] = "idem postgres://"
         name["ipx"] = "idempotent-proxy-server (Redis)"
         printf "wrk -t%s -c%s -d%s --latency; replays cycle over %s keys; \"no key\" rows are compared with the new-key rows of direct and nginx (same POSTs, with a key). \"pgbench\" rows: no HTTP, pgbench running the Postgres store'"'"'s begin and complete statements, one transaction (= one new key) each, with N clients (req/s = transactions/s, latencies per transaction, its CPU in the wrk slot). \"CPU µs/req\": CPU time (user + system) per request of wrk, the proxy and the upstream; \"store CPU\": of the Redis or Postgres server (all its processes). \"store calls / writes\": per request, calls into the store (Redis: EVALSHA calls, and for idempotent-proxy-server its SET, GET and DEL commands; Postgres: committed transactions in the database, each store statement being one; over the warm-up and the measured run, less the seeding of replay keys) and TCP data segments the proxy sent to the store over the measured run (a segment can carry several pipelined calls; sqlx also pings a connection as it returns to the pool). \"irq\": interrupt and softirq time, \"kthreads\": kernel threads (ksoftirqd carrying loopback TCP, jbd2 and kworkers doing fsync), \"other\": every other process on the machine (a disturbance: should be near 0%%); each a share of all cores during the run.\n\n", threads, conns, dur, keys
@@ -774,15 +777,18 @@ REPORT=$(
         print "| target | needed | this run | |"
         print "|---|---:|---:|---|"
         target("new keys, idem memory: ÷ nginx", "new" SUBSEP "memory", "new" SUBSEP "nginx", 1.0)
+        target("new keys, idem fjall: (the durable default) ÷ nginx", "new" SUBSEP "fjall", "new" SUBSEP "nginx", 0.8)
         target("new keys, idem redb: ÷ nginx", "new" SUBSEP "redb", "new" SUBSEP "nginx", 0.8)
         target("new keys, idem redis:// ÷ nginx", "new" SUBSEP "redis", "new" SUBSEP "nginx", 0.6)
         target("new keys, idem redis:// ÷ idempotent-proxy-server (same Redis)", "new" SUBSEP "redis", "new" SUBSEP "ipx", 2.5)
         target("new keys, idem postgres:// ÷ pgbench -c " pgc " (same statements)", "new" SUBSEP "postgres", "new" SUBSEP "pgbench-" pgc, 0.8)
+        target("no key (pass-through), idem memory: ÷ nginx", "nokey" SUBSEP "memory", "new" SUBSEP "nginx", 0.95)
         target("replays, idem memory: ÷ nginx", "replay" SUBSEP "memory", "replay" SUBSEP "nginx", 1.5)
+        target("replays, idem fjall: ÷ nginx", "replay" SUBSEP "fjall", "replay" SUBSEP "nginx", 1.5)
         target("replays, idem redb: ÷ nginx", "replay" SUBSEP "redb", "replay" SUBSEP "nginx", 1.5)
         for (i = 1; i <= rows; i++) {
             key = order[i]; split(key, kt, SUBSEP)
-            if ((kt[2] == "memory" || kt[2] == "redb") && kt[1] != "nokey")
+            if ((kt[2] == "memory" || kt[2] == "fjall" || kt[2] == "redb") && kt[1] != "nokey")
                 printf "| peak RSS, %s, %s | < 64 MiB | %s | %s |\n", label[kt[1]], name[kt[2]], mib(rss[key]), verdict(rss[key] < 65536)
         }
     }' "$RESULTS"
@@ -797,14 +803,14 @@ fi
 if has_store postgres; then
     STORES_INFO="$STORES_INFO Postgres $(psql "$PG_URL" -XAtqc 'SHOW server_version' | cut -d' ' -f1) at ${PG_URL%%\?*} (synchronous_commit $(psql "$PG_URL" -XAtqc 'SHOW synchronous_commit'), fsync $(psql "$PG_URL" -XAtqc 'SHOW fsync'); the gateway's pool: 10 connections), pgbench $("$PGBENCH" --version | awk '{ print $3 }');"
 fi
-MACHINE="Machine: $(nproc) cores ($CPU_MODEL), ${MEM_GIB} GiB, Linux $(uname -r); wrk $WRK_VERSION, nginx $NGINX_VERSION ($NGINX_WORKERS workers);$STORES_INFO $(rustc -V 2>/dev/null || echo rustc unknown), release build of $GIT_REV; redb file on $WORK_FS (project disk). Load average before: $LOAD_BEFORE, after: $LOAD_AFTER, highest 1-minute load seen at the end of a measurement: $LOAD_MAX."
+MACHINE="Machine: $(nproc) cores ($CPU_MODEL), ${MEM_GIB} GiB, Linux $(uname -r); wrk $WRK_VERSION, nginx $NGINX_VERSION ($NGINX_WORKERS workers);$STORES_INFO $(rustc -V 2>/dev/null || echo rustc unknown), release build of $GIT_REV; fjall and redb files on $WORK_FS (project disk). Load average before: $LOAD_BEFORE, after: $LOAD_AFTER, highest 1-minute load seen at the end of a measurement: $LOAD_MAX."
 
 mkdir -p "$(dirname "$OUT")"
 {
     echo "# HTTP gateway benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
     echo '```sh'
-    if [ "$STORES" = "memory redb redis postgres" ]; then
+    if [ "$STORES" = "memory fjall redb redis postgres" ]; then
         echo "bash bench/http.sh"
     else
         echo "STORES=\"$STORES\" bash bench/http.sh"
