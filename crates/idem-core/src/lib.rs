@@ -49,4 +49,6 @@ pub use holder::{HoldOptions, Holder};
 pub use key::{DEFAULT_MAX_KEY_LEN, Key, KeyError, Scope, ScopedKey};
 pub use memory::{DEFAULT_MAX_BYTES, MemoryLimits, MemoryStore, RECORD_OVERHEAD};
 pub use record::{Begin, InFlightRecord, Lease, Record, RecordState, Stored, Token};
-pub use store::{BoxError, Store, StoreCounters, StoreError, spawn_sweeper, transition};
+pub use store::{
+    BoxError, CommitCounters, Store, StoreCounters, StoreError, spawn_sweeper, transition,
+};

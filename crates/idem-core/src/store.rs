@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -253,10 +254,53 @@ pub struct StoreCounters {
     /// Expired records removed by sweeps since the store was opened.
     pub swept: Option<u64>,
     /// Durable commits since the store was opened, for stores that group operations into
-    /// commits (redb's writer).
+    /// commits (the writers of redb and fjall).
     pub commits: Option<u64>,
     /// Operations those commits carried: divided by `commits`, the group-commit size.
     pub committed_operations: Option<u64>,
+}
+
+/// What a store's writer committed since the store was opened, shared between its writer
+/// threads and [`Store::counters`]: for stores that group operations into durable commits.
+/// Count a commit only once it is durable.
+///
+/// ```
+/// use idem_core::CommitCounters;
+///
+/// let counters = CommitCounters::default();
+/// counters.committed(8, 0); // one commit carrying eight operations
+/// counters.committed(2, 5); // another, whose sweep removed five expired records
+/// let figures = counters.figures(Some(42));
+/// assert_eq!(figures.commits, Some(2));
+/// assert_eq!(figures.committed_operations, Some(10));
+/// assert_eq!(figures.swept, Some(5));
+/// assert_eq!(figures.records, Some(42));
+/// ```
+#[derive(Debug, Default)]
+pub struct CommitCounters {
+    commits: AtomicU64,
+    operations: AtomicU64,
+    swept: AtomicU64,
+}
+
+impl CommitCounters {
+    /// Counts one durable commit that carried `operations` calls and removed `swept`
+    /// expired records.
+    pub fn committed(&self, operations: u64, swept: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.operations.fetch_add(operations, Ordering::Relaxed);
+        self.swept.fetch_add(swept, Ordering::Relaxed);
+    }
+
+    /// The figures for [`Store::counters`], with the store's own count of `records`.
+    pub fn figures(&self, records: Option<u64>) -> StoreCounters {
+        StoreCounters {
+            records,
+            swept: Some(self.swept.load(Ordering::Relaxed)),
+            commits: Some(self.commits.load(Ordering::Relaxed)),
+            committed_operations: Some(self.operations.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 #[async_trait]

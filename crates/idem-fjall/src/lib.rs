@@ -63,8 +63,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use fjall::{Database, KeyspaceCreateOptions};
 use idem_core::{
-    Begin, Clock, Fingerprint, InFlightRecord, Lease, Record, RecordState, ScopedKey, Store,
-    StoreError, Stored, SystemClock, Token, from_unix_millis, transition, unix_millis,
+    Begin, Clock, CommitCounters, Fingerprint, InFlightRecord, Lease, Record, RecordState,
+    ScopedKey, Store, StoreCounters, StoreError, Stored, SystemClock, Token, from_unix_millis,
+    transition, unix_millis,
 };
 use tokio::sync::oneshot;
 
@@ -185,6 +186,7 @@ impl Default for FjallOptions {
 pub struct FjallStore {
     shards: Vec<Shard>,
     clock: Arc<dyn Clock>,
+    counters: Arc<CommitCounters>,
 }
 
 /// One shard: its own database (journal, memory tables, files) and its own writer thread.
@@ -280,6 +282,7 @@ impl FjallStore {
             last_token = last_token.max(last);
         }
         let tokens = Arc::new(AtomicU64::new(last_token));
+        let counters = Arc::new(CommitCounters::default());
         let clock: Arc<dyn Clock> = Arc::new(clock);
         let mut shards = Vec::with_capacity(count);
         for (n, ks) in keyspaces.into_iter().enumerate() {
@@ -288,6 +291,7 @@ impl FjallStore {
                 Arc::clone(&clock),
                 options.clone(),
                 Arc::clone(&tokens),
+                Arc::clone(&counters),
             );
             let (jobs, inbox) = mpsc::channel();
             let writer_died = Arc::new(OnceLock::new());
@@ -317,7 +321,11 @@ impl FjallStore {
                 writer_died,
             });
         }
-        Ok(Self { shards, clock })
+        Ok(Self {
+            shards,
+            clock,
+            counters,
+        })
     }
 
     /// The shard that holds `key`.
@@ -594,6 +602,12 @@ impl Store for FjallStore {
         self.died()
             .map(|reason| WriterDied(reason.clone()).to_string())
     }
+
+    fn counters(&self) -> StoreCounters {
+        // Counting records is a scan of every shard (see `record_count`): too much for a
+        // metrics scrape, so the figure is left out rather than guessed.
+        self.counters.figures(None)
+    }
 }
 
 impl Shard {
@@ -765,5 +779,59 @@ mod tests {
         }
         assert_eq!(acquired, 4);
         assert_eq!(store.record_count().unwrap(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counters_tell_commits_their_operations_and_sweeps() {
+        // What /metrics shows as idem_store_commits_total, …_committed_operations_total and
+        // idem_store_swept_records_total for the default store.
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let clock = ManualClock::new();
+        // No background sweep: the test sweeps when it wants to. One shard, so that one
+        // sweep is one commit.
+        let options = FjallOptions {
+            shards: 1,
+            sweep_interval: Duration::from_secs(3600),
+            ..FjallOptions::default()
+        };
+        let store = FjallStore::open_with(dir.path().join("counted"), clock.clone(), options)
+            .expect("open store");
+        assert_eq!(
+            store.counters(),
+            StoreCounters {
+                records: None,
+                swept: Some(0),
+                commits: Some(0),
+                committed_operations: Some(0),
+            }
+        );
+        let (fp, lease) = (fingerprint("a"), Duration::from_secs(30));
+        for n in 0..3 {
+            let key = scoped(&format!("counted-{n}"));
+            let Begin::Acquired(claim) = store.begin(&key, &fp, lease).await.unwrap() else {
+                panic!("a new key is acquired")
+            };
+            store
+                .complete(
+                    &key,
+                    claim.token,
+                    &Stored::new(201),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap();
+        }
+        let counted = store.counters();
+        // One call at a time: each is a commit of its own.
+        assert_eq!(counted.commits, Some(6));
+        assert_eq!(counted.committed_operations, Some(6));
+        assert_eq!(counted.swept, Some(0));
+
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(store.sweep(100).await.unwrap(), 3);
+        let swept = store.counters();
+        assert_eq!(swept.swept, Some(3));
+        assert_eq!(swept.commits, Some(7));
+        assert_eq!(swept.committed_operations, Some(7));
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fjall::{Database, Keyspace, PersistMode};
 use idem_core::{
-    Begin, Clock, Fingerprint, Lease, Record, ScopedKey, StoreError, Stored, Token, transition,
-    unix_millis,
+    Begin, Clock, CommitCounters, Fingerprint, Lease, Record, ScopedKey, StoreError, Stored, Token,
+    transition, unix_millis,
 };
 use tokio::sync::oneshot;
 
@@ -116,6 +116,8 @@ pub(crate) struct Writer {
     /// The last token handed out by any shard: tokens grow store-wide, so they grow per key
     /// whichever shard a key lives in.
     tokens: Arc<AtomicU64>,
+    /// Shared by every shard's writer.
+    counters: Arc<CommitCounters>,
     /// Where the next sweep starts scanning the expiry index: the time of the last entry a
     /// sweep removed. Entries before it are gone, but their tombstones stay until a
     /// compaction drops them; starting here keeps a sweep's work its `limit`, not the
@@ -132,6 +134,7 @@ impl Writer {
         clock: Arc<dyn Clock>,
         options: FjallOptions,
         tokens: Arc<AtomicU64>,
+        counters: Arc<CommitCounters>,
     ) -> Self {
         Self {
             ks,
@@ -139,6 +142,7 @@ impl Writer {
             options,
             last_sweep: Instant::now(),
             tokens,
+            counters,
             sweep_from: 0,
             swept_at: 0,
         }
@@ -171,6 +175,7 @@ impl Writer {
     }
 
     fn commit_group(&mut self, batch: Vec<Job>, sweep_due: bool) -> Result<(), fjall::Error> {
+        let operations = batch.len() as u64;
         let mut finishers: Vec<Finish> = Vec::with_capacity(batch.len());
         let now = self.clock.now();
         let now_ms = unix_millis(now);
@@ -201,7 +206,12 @@ impl Writer {
             return Ok(());
         }
         let sweep_from = tx.sweep_from;
-        let outcome = tx.into_batch(&self.ks).commit();
+        let swept = tx.swept;
+        let batch = tx.into_batch(&self.ks);
+        // fjall writes nothing for an empty batch (an idle second's sweep that found
+        // nothing): that is no commit.
+        let wrote = !batch.is_empty();
+        let outcome = batch.commit();
         if let Err(error) = outcome {
             let message = error.to_string();
             tracing::error!(%message, "an idem-fjall group could not be made durable");
@@ -211,6 +221,9 @@ impl Writer {
             return Err(error);
         }
         self.sweep_from = sweep_from;
+        if wrote {
+            self.counters.committed(operations, swept);
+        }
         for finish in finishers {
             finish(None);
         }
@@ -226,6 +239,8 @@ struct Tx<'k> {
     minted: bool,
     /// Where a sweep starts scanning (see [`Writer::sweep_from`]).
     sweep_from: u64,
+    /// Expired records this group's sweeps removed.
+    swept: u64,
     /// What this group wrote, by key: later jobs of the group read it, and it is written
     /// once at the end. A write batch gives all its items one sequence number, so each key
     /// must appear in it at most once.
@@ -244,6 +259,7 @@ impl<'k> Tx<'k> {
             tokens,
             minted: false,
             sweep_from,
+            swept: 0,
             records: HashMap::new(),
             expiry: HashMap::new(),
             claims: HashMap::new(),
@@ -478,6 +494,7 @@ impl<'k> Tx<'k> {
                     self.claims.insert(claim, false);
                 }
                 self.records.insert(digest, None);
+                self.swept += 1;
             }
         }
         Ok(due.len())

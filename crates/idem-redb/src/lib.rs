@@ -43,7 +43,6 @@ mod row;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -51,9 +50,9 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use idem_core::{
-    Begin, Clock, Fingerprint, InFlightRecord, Lease, Record, RecordState, ScopedKey, Store,
-    StoreCounters, StoreError, Stored, SystemClock, Token, from_unix_millis, transition,
-    unix_millis,
+    Begin, Clock, CommitCounters, Fingerprint, InFlightRecord, Lease, Record, RecordState,
+    ScopedKey, Store, StoreCounters, StoreError, Stored, SystemClock, Token, from_unix_millis,
+    transition, unix_millis,
 };
 use redb::{ReadableDatabase, ReadableTableMetadata};
 use tokio::sync::oneshot;
@@ -61,7 +60,7 @@ use tokio::sync::oneshot;
 pub use redb;
 
 use crate::row::{CLAIMS, RECORDS};
-use crate::writer::{Job, Writer, WriterCounters};
+use crate::writer::{Job, Writer};
 
 /// Why a redb file could not be opened as a store.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +123,7 @@ pub struct RedbStore {
     clock: Arc<dyn Clock>,
     /// Why the writer thread died, once it has.
     writer_died: Arc<OnceLock<String>>,
-    counters: Arc<WriterCounters>,
+    counters: Arc<CommitCounters>,
 }
 
 /// The error every call answers once the writer thread has died.
@@ -179,7 +178,7 @@ impl RedbStore {
         };
         writer::create_tables(&db).map_err(database_error)?;
         let (jobs, inbox) = mpsc::channel();
-        let counters = Arc::new(WriterCounters::default());
+        let counters = Arc::new(CommitCounters::default());
         let writer = Writer::new(
             Arc::clone(&db),
             Arc::clone(&clock),
@@ -431,14 +430,8 @@ impl Store for RedbStore {
     }
 
     fn counters(&self) -> StoreCounters {
-        let count = |counter: &AtomicU64| Some(counter.load(Ordering::Relaxed));
-        StoreCounters {
-            // A scrape that cannot read the file says nothing rather than a wrong figure.
-            records: self.record_count().ok(),
-            swept: count(&self.counters.swept),
-            commits: count(&self.counters.commits),
-            committed_operations: count(&self.counters.operations),
-        }
+        // A scrape that cannot read the file says nothing rather than a wrong figure.
+        self.counters.figures(self.record_count().ok())
     }
 }
 

@@ -2,13 +2,12 @@
 
 use std::error::Error as StdError;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
 use idem_core::{
-    Begin, Clock, Fingerprint, Lease, Record, ScopedKey, StoreError, Stored, Token, transition,
-    unix_millis,
+    Begin, Clock, CommitCounters, Fingerprint, Lease, Record, ScopedKey, StoreError, Stored, Token,
+    transition, unix_millis,
 };
 use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
@@ -87,23 +86,12 @@ pub(crate) fn create_tables(db: &Database) -> Result<(), redb::Error> {
     Ok(())
 }
 
-/// What the writer has done since the store was opened, for [`Store::counters`]: counted
-/// only for transactions that committed.
-///
-/// [`Store::counters`]: idem_core::Store::counters
-#[derive(Debug, Default)]
-pub(crate) struct WriterCounters {
-    pub(crate) commits: AtomicU64,
-    pub(crate) operations: AtomicU64,
-    pub(crate) swept: AtomicU64,
-}
-
 pub(crate) struct Writer {
     db: Arc<Database>,
     clock: Arc<dyn Clock>,
     options: RedbOptions,
     last_sweep: Instant,
-    counters: Arc<WriterCounters>,
+    counters: Arc<CommitCounters>,
 }
 
 impl Writer {
@@ -111,7 +99,7 @@ impl Writer {
         db: Arc<Database>,
         clock: Arc<dyn Clock>,
         options: RedbOptions,
-        counters: Arc<WriterCounters>,
+        counters: Arc<CommitCounters>,
     ) -> Self {
         Self {
             db,
@@ -177,11 +165,7 @@ impl Writer {
                 Ok(())
             });
         if outcome.is_ok() {
-            self.counters.commits.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .operations
-                .fetch_add(operations, Ordering::Relaxed);
-            self.counters.swept.fetch_add(swept, Ordering::Relaxed);
+            self.counters.committed(operations, swept);
         }
         let failed: Option<SharedError> = outcome.err().map(|error| Arc::new(error) as SharedError);
         if let Some(error) = &failed {
