@@ -14,11 +14,13 @@
 #   5. bench/memory_rss.sh        - 60 s of new keys per store (memory, fjall, redb, redis,
 #                                   postgres): RSS over time and its peak
 #   6. bench/memory_growth.sh     - the memory store's latency as records accumulate (1 round)
+#   7. bench/fdatasync.py         - how many durable appends per second this disk makes, with
+#                                   1-8 parallel streams: the floor under the durable stores
 # Each script's own output goes to OUT_DIR/<script>.md (the full log next to it as .log).
 # The Redis prefix and Postgres schema of step 5 are this run's own and removed at the end.
 #
 # Knobs (environment): OUT_DIR (target/bench-all/<UTC time>), SKIP (space-separated step
-# names to leave out: http layer probe instructions rss growth), REDIS_URL
+# names to leave out: http layer probe instructions rss growth disk), REDIS_URL
 # (redis://127.0.0.1:6379), PG_URL (postgres://postgres@127.0.0.1:5432/test); every knob
 # of the scripts themselves passes through (DURATION, CONNECTIONS, ...).
 set -euo pipefail
@@ -89,5 +91,9 @@ fi
 if ! skipped growth; then
     log "growth: bench/memory_growth.sh (1 round)"
     ROUNDS=${ROUNDS:-1} bash "$ROOT/bench/memory_growth.sh" 2>&1 | tee "$OUT_DIR/growth.log"
+fi
+if ! skipped disk; then
+    log "disk: bench/fdatasync.py"
+    python3 "$ROOT/bench/fdatasync.py" "$TARGET_DIR" | tee "$OUT_DIR/disk.md"
 fi
 log "done: $OUT_DIR"

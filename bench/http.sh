@@ -6,7 +6,8 @@
 # In one run, drives a trivial upstream (crates/idem-cli/examples/bench-upstream.rs)
 #   direct   - wrk straight to the upstream
 #   nginx    - through nginx as a plain reverse proxy, keep-alive to the upstream
-#   memory   - through `idem serve --store memory:`
+#   memory   - through `idem serve --store memory:?max_bytes=2GiB` (MEMORY_STORE; the
+#              default 16 MiB cap would fill during the run and answer 503)
 #   fjall    - through `idem serve --store fjall:DIR` (the default durable store; DIR on
 #              the project's disk)
 #   redb     - through `idem serve --store redb:FILE` (FILE on the project's disk)
@@ -61,6 +62,10 @@ PORT_BASE=${PORT_BASE:-38080}
 NGINX_WORKERS=${NGINX_WORKERS:-$(nproc)}
 OUT=${OUT:-$TARGET_DIR/bench-http/results.md}
 STORES=${STORES-memory fjall redb redis postgres}
+# The default cap (16 MiB, ~85 k records) fills within one new-key run here, and a full
+# store answers 503 at once: a row of cheap refusals would not measure the path.
+# bench/memory_rss.sh runs the default cap.
+MEMORY_STORE=${MEMORY_STORE:-memory:?max_bytes=2GiB}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/test}
 PGBENCH_CLIENTS=${PGBENCH_CLIENTS:-$CONNECTIONS}
@@ -445,7 +450,7 @@ start_proxy() {
     memory | fjall | redb | redis | postgres)
         local store
         case $target in
-        memory) store=memory: ;;
+        memory) store=$MEMORY_STORE ;;
         fjall) store=fjall:$WORK/idem-$workload.fjall ;;
         redb) store=redb:$WORK/idem-$workload.redb ;;
         redis) store=${REDIS_URL%/}/?prefix=$REDIS_PREFIX ;;

@@ -7,10 +7,11 @@
 # drives `wrk -t$THREADS -c$CONNECTIONS -d$DURATION` with bench/new_keys.lua (a POST with a
 # fresh Idempotency-Key each), samples the gateway's VmRSS every $EVERY seconds, and prints
 # one line per sample and a summary: requests, answers that were not 2xx (a full store's
-# 503s), p50/p99, and peak RSS (VmHWM).
+# 503s), p50/p99, and peak RSS (VmHWM); for stores that group commits (fjall, redb), the
+# commits per second and operations per commit, read from the gateway's /metrics.
 #
 # Knobs (environment): DURATION (60s), THREADS (2), CONNECTIONS (64), EVERY (5),
-# STORE (memory:), KEEP (set: keep the work directory with the logs), PORT_BASE (38180: uses +1, +3), IDEM_BIN and UP_BIN (the release
+# STORE (memory:), KEEP (set: keep the work directory with the logs), PORT_BASE (38180: uses +1, +3, +4), IDEM_BIN and UP_BIN (the release
 # binaries under the target dir; SKIP_BUILD=1 to use them as they are).
 set -euo pipefail
 
@@ -26,6 +27,7 @@ IDEM_BIN=${IDEM_BIN:-$TARGET_DIR/release/idem}
 UP_BIN=${UP_BIN:-$TARGET_DIR/release/examples/bench-upstream}
 UP_PORT=$((PORT_BASE + 1))
 IDEM_PORT=$((PORT_BASE + 3))
+ADMIN_PORT=$((PORT_BASE + 4))
 
 log() { printf '[memory_rss.sh] %s\n' "$*" >&2; }
 
@@ -61,7 +63,7 @@ kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || e
 PIDS+=($!)
 wait_port "$UP_PORT"
 "$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "http://127.0.0.1:$UP_PORT" \
-    --store "$STORE" --admin-listen off >"$WORK/idem.log" 2>&1 &
+    --store "$STORE" --admin-listen "127.0.0.1:$ADMIN_PORT" >"$WORK/idem.log" 2>&1 &
 IDEM_PID=$!
 PIDS+=("$IDEM_PID")
 wait_port "$IDEM_PORT"
@@ -87,3 +89,12 @@ printf 'store %s, %s: %s requests (%s not 2xx), p50 %.2f ms, p99 %.2f ms, peak R
     "$(awk -v u="$(field p99_us)" 'BEGIN { print u / 1000 }')" \
     "$(awk -v k="$(kib "$IDEM_PID" VmHWM)" 'BEGIN { print k / 1024 }')" \
     "$(awk -v k="$(kib "$IDEM_PID" VmRSS)" 'BEGIN { print k / 1024 }')"
+# Group commit, over the whole run (warm-up included: there is none).
+metric() { curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+commits=$(metric idem_store_commits_total)
+if [ -n "$commits" ] && [ "$commits" != 0 ]; then
+    awk -v c="$commits" -v o="$(metric idem_store_committed_operations_total)" \
+        -v d="$(field duration_us)" -v r="$(field requests)" -v s="$STORE" 'BEGIN {
+        printf "store %s: %.0f durable commits/s, %.1f operations per commit, %.2f commits per request\n", \
+            s, c / (d / 1e6), o / c, c / r }'
+fi

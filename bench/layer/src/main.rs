@@ -5,7 +5,8 @@
 //! ```
 //!
 //! - `bare`: the app alone;
-//! - `idem`: behind `idem_http::IdempotencyLayer` with `idem_core::MemoryStore` (default policy);
+//! - `idem`: behind `idem_http::IdempotencyLayer` with `idem_core::MemoryStore` (default policy,
+//!   a 2 GiB cap);
 //! - `idempotent`: behind the `idempotent` crate's `middleware::IdempotencyLayer` with its
 //!   in-memory store (default settings);
 //! - `axum-idempotent`: behind `axum_idempotent::IdempotentLayer` keyed by the
@@ -81,8 +82,13 @@ async fn serve(
     let payments = Router::new().route("/payments", post(pay));
     let payments = match variant {
         "bare" => payments,
+        // A cap the run cannot fill: past the default 16 MiB (~85 k records, a few seconds
+        // here) every new key would be a cheap 503, which measures nothing. The peers'
+        // memory stores have no cap.
         "idem" => payments.layer(idem_http::IdempotencyLayer::new(
-            idem_core::MemoryStore::new(),
+            idem_core::MemoryStore::with_limits(
+                idem_core::MemoryLimits::default().max_bytes(2 << 30),
+            ),
         )),
         "idempotent" => payments.layer(idempotent::middleware::IdempotencyLayer::new(
             idempotent::memory::MemoryStore::builder().try_build()?,

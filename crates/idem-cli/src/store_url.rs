@@ -38,7 +38,12 @@ use crate::tls::{TlsError, TlsFiles};
 /// );
 /// assert_eq!(
 ///     "fjall:data/idem.fjall?cache_mib=16".parse::<StoreUrl>().unwrap(),
-///     StoreUrl::Fjall { path: "data/idem.fjall".into(), cache_mib: Some(16), memtable_mib: None }
+///     StoreUrl::Fjall {
+///         path: "data/idem.fjall".into(),
+///         cache_mib: Some(16),
+///         memtable_mib: None,
+///         shards: None,
+///     }
 /// );
 /// assert_eq!(
 ///     "redis://:secret@127.0.0.1:6379".parse::<StoreUrl>().unwrap().to_string(),
@@ -55,10 +60,11 @@ pub enum StoreUrl {
     Memory(MemoryLimits),
     /// `redb:PATH`: the embedded durable store in the file at PATH (created if absent).
     Redb(PathBuf),
-    /// `fjall:DIR[?cache_mib=N&memtable_mib=N]`: the embedded durable store on an LSM
-    /// engine, in the directory DIR (created if absent). `cache_mib` is its block cache
+    /// `fjall:DIR[?cache_mib=N&memtable_mib=N&shards=N]`: the embedded durable store on an
+    /// LSM engine, in the directory DIR (created if absent). `cache_mib` is its block cache
     /// (default 8) and `memtable_mib` how much of the newest records it keeps in memory
-    /// before writing them out sorted (default 8), both in MiB.
+    /// before writing them out sorted (default 8), both in MiB; `shards` (1 to 64, default
+    /// 4) how many journals it syncs in parallel, fixed when the directory is created.
     Fjall {
         /// The directory.
         path: PathBuf,
@@ -66,6 +72,8 @@ pub enum StoreUrl {
         cache_mib: Option<u64>,
         /// `memtable_mib`, if given.
         memtable_mib: Option<u64>,
+        /// `shards`, if given.
+        shards: Option<u64>,
     },
     /// `redis://[user:pass@]host[:port][/db]` (one node) or
     /// `redis+cluster://[user:pass@]host:port,host:port,...` (Redis Cluster), and over TLS
@@ -105,7 +113,7 @@ pub enum StoreUrlError {
     /// `fjall:` without a directory, or with a setting it does not know.
     #[error(
         "`{0}` is not a fjall store URL; use `fjall:DIR`, optionally with \
-         `?cache_mib=N&memtable_mib=N` (whole MiB, 1 to 65536)"
+         `?cache_mib=N&memtable_mib=N` (whole MiB, 1 to 65536) and `shards=N` (1 to 64)"
     )]
     BadFjall(String),
     /// The store could not be opened.
@@ -233,9 +241,14 @@ impl std::fmt::Display for StoreUrl {
                 path,
                 cache_mib,
                 memtable_mib,
+                shards,
             } => {
                 write!(f, "fjall:{}", path.display())?;
-                let settings = [("cache_mib", cache_mib), ("memtable_mib", memtable_mib)];
+                let settings = [
+                    ("cache_mib", cache_mib),
+                    ("memtable_mib", memtable_mib),
+                    ("shards", shards),
+                ];
                 let mut separator = '?';
                 for (name, value) in settings {
                     if let Some(value) = value {
@@ -271,11 +284,12 @@ impl StoreUrl {
                 path,
                 cache_mib,
                 memtable_mib,
+                shards,
             } => Arc::new(
                 FjallStore::open_with(
                     path,
                     SystemClock,
-                    gateway_fjall_options(*cache_mib, *memtable_mib),
+                    gateway_fjall_options(*cache_mib, *memtable_mib, *shards),
                 )
                 .map_err(StoreUrlError::OpenFjall)?,
             ),
@@ -494,41 +508,51 @@ fn gateway_redb_options() -> RedbOptions {
     }
 }
 
-/// Reads `fjall:DIR[?cache_mib=N&memtable_mib=N]` (`rest` is what follows the scheme).
+/// Reads `fjall:DIR[?cache_mib=N&memtable_mib=N&shards=N]` (`rest` is what follows the
+/// scheme).
 fn parse_fjall(url: &str, rest: &str) -> Result<StoreUrl, StoreUrlError> {
     let bad = || StoreUrlError::BadFjall(url.to_owned());
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path.is_empty() {
         return Err(bad());
     }
-    let (mut cache_mib, mut memtable_mib) = (None, None);
+    let (mut cache_mib, mut memtable_mib, mut shards) = (None, None, None);
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (name, value) = pair.split_once('=').ok_or_else(bad)?;
-        let mib = value
+        let (setting, most) = match name {
+            "cache_mib" => (&mut cache_mib, 65_536),
+            "memtable_mib" => (&mut memtable_mib, 65_536),
+            "shards" => (&mut shards, 64),
+            _ => return Err(bad()),
+        };
+        let number = value
             .parse::<u64>()
             .ok()
-            .filter(|mib| (1..=65_536).contains(mib))
+            .filter(|number| (1..=most).contains(number))
             .ok_or_else(bad)?;
-        match name {
-            "cache_mib" => cache_mib = Some(mib),
-            "memtable_mib" => memtable_mib = Some(mib),
-            _ => return Err(bad()),
-        }
+        *setting = Some(number);
     }
     Ok(StoreUrl::Fjall {
         path: PathBuf::from(path),
         cache_mib,
         memtable_mib,
+        shards,
     })
 }
 
 /// The gateway's fjall tuning: the store's defaults (8 MiB of block cache, 8 MiB of
-/// memory tables), unless the URL says otherwise.
-fn gateway_fjall_options(cache_mib: Option<u64>, memtable_mib: Option<u64>) -> FjallOptions {
+/// memory tables, 4 shards), unless the URL says otherwise.
+fn gateway_fjall_options(
+    cache_mib: Option<u64>,
+    memtable_mib: Option<u64>,
+    shards: Option<u64>,
+) -> FjallOptions {
     let defaults = FjallOptions::default();
     FjallOptions {
         cache_size: cache_mib.map_or(defaults.cache_size, |mib| mib << 20),
         memtable_size: memtable_mib.map_or(defaults.memtable_size, |mib| mib << 20),
+        // At most 64: the parser checked.
+        shards: shards.map_or(defaults.shards, |n| n as usize),
         ..defaults
     }
 }
@@ -575,10 +599,16 @@ mod tests {
         use idem_core::testing::{fingerprint, scoped};
 
         let dir = tempfile::tempdir().unwrap();
-        let url: StoreUrl = format!("fjall:{}?cache_mib=2", dir.path().join("s").display())
-            .parse()
-            .unwrap();
+        let url: StoreUrl = format!(
+            "fjall:{}?cache_mib=2&shards=3",
+            dir.path().join("s").display()
+        )
+        .parse()
+        .unwrap();
         let store = url.open().await.unwrap();
+        // The store keeps the count it was created with in this file.
+        let shards = std::fs::read_to_string(dir.path().join("s").join("shards")).unwrap();
+        assert_eq!(shards.trim(), "3");
         let key = scoped("k");
         store
             .begin(&key, &fingerprint("a"), Duration::from_secs(60))
@@ -596,7 +626,7 @@ mod tests {
     }
 
     #[test]
-    fn fjall_urls_take_a_directory_and_two_sizes() {
+    fn fjall_urls_take_a_directory_two_sizes_and_a_shard_count() {
         let parsed: StoreUrl = "fjall:/var/lib/idem?memtable_mib=4&cache_mib=32"
             .parse()
             .unwrap();
@@ -605,13 +635,16 @@ mod tests {
             StoreUrl::Fjall {
                 path: "/var/lib/idem".into(),
                 cache_mib: Some(32),
-                memtable_mib: Some(4)
+                memtable_mib: Some(4),
+                shards: None,
             }
         );
         assert_eq!(
             parsed.to_string(),
             "fjall:/var/lib/idem?cache_mib=32&memtable_mib=4"
         );
+        let sharded: StoreUrl = "fjall:d?shards=64".parse().unwrap();
+        assert_eq!(sharded.to_string(), "fjall:d?shards=64");
         assert_eq!(
             "fjall://idem.fjall"
                 .parse::<StoreUrl>()
@@ -626,6 +659,8 @@ mod tests {
             "fjall:d?cache_mib=x",
             "fjall:d?cache=8",
             "fjall:d?cache_mib",
+            "fjall:d?shards=0",
+            "fjall:d?shards=65",
         ] {
             assert!(
                 matches!(bad.parse::<StoreUrl>(), Err(StoreUrlError::BadFjall(_))),
