@@ -104,9 +104,9 @@ macro_rules! durability_suite {
             #[tokio::test]
             async fn a_reopened_store_finds_completed_and_in_flight_records() {
                 $crate::testing::durability::a_reopened_store_finds_completed_and_in_flight_records(
-                            super::$make(),
-                        )
-                        .await;
+                                            super::$make(),
+                                        )
+                                        .await;
             }
 
             #[test]
