@@ -85,50 +85,43 @@ impl<S, E: std::fmt::Debug> Durable<S, E> {
 macro_rules! durability_suite {
     ($make:ident) => {
         mod durability {
+            use $crate::testing::durability as suite;
+
             /// The child side of `a_killed_process_loses_no_acknowledged_record`.
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             #[ignore = "run as a child process by a_killed_process_loses_no_acknowledged_record"]
             async fn child_completes_until_killed() {
-                $crate::testing::durability::child_completes_until_killed(super::$make()).await;
+                suite::child_completes_until_killed(super::$make()).await;
             }
 
             #[tokio::test]
             async fn a_killed_process_loses_no_acknowledged_record() {
-                $crate::testing::durability::a_killed_process_loses_no_acknowledged_record(
-                    super::$make(),
-                    concat!(module_path!(), "::child_completes_until_killed"),
-                )
-                .await;
+                let child = concat!(module_path!(), "::child_completes_until_killed");
+                suite::a_killed_process_loses_no_acknowledged_record(super::$make(), child).await;
             }
 
             #[tokio::test]
             async fn a_reopened_store_finds_completed_and_in_flight_records() {
-                $crate::testing::durability::a_reopened_store_finds_completed_and_in_flight_records(
-                                            super::$make(),
-                                        )
-                                        .await;
+                let durable = super::$make();
+                suite::a_reopened_store_finds_completed_and_in_flight_records(durable).await;
             }
 
             #[test]
             fn a_second_store_on_one_file_is_refused_in_process() {
-                $crate::testing::durability::a_second_store_on_one_file_is_refused_in_process(
-                    super::$make(),
-                );
+                suite::a_second_store_on_one_file_is_refused_in_process(super::$make());
             }
 
             /// The child side of `a_second_process_on_one_file_is_refused`.
             #[test]
             #[ignore = "run as a child process by a_second_process_on_one_file_is_refused"]
             fn child_opens_the_store() {
-                $crate::testing::durability::child_opens_the_store(super::$make());
+                suite::child_opens_the_store(super::$make());
             }
 
             #[test]
             fn a_second_process_on_one_file_is_refused() {
-                $crate::testing::durability::a_second_process_on_one_file_is_refused(
-                    super::$make(),
-                    concat!(module_path!(), "::child_opens_the_store"),
-                );
+                let child = concat!(module_path!(), "::child_opens_the_store");
+                suite::a_second_process_on_one_file_is_refused(super::$make(), child);
             }
         }
     };
