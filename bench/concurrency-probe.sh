@@ -50,8 +50,9 @@ REDIS_PREFIX=idem-probe-$RAND
 IPX_REDIS_URL=${REDIS_URL%/}/$IPX_REDIS_DB
 IPX_BIN=$BENCH_TOOLS/bin/idempotent-proxy-server
 
-log() { printf '[probe] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=probe
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 has_target() { case " $TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for target in $TARGETS; do
@@ -91,19 +92,6 @@ fi
 mkdir -p "$TARGET_DIR/bench-probe"
 WORK=$(mktemp -d "$TARGET_DIR/bench-probe/run.XXXXXX")
 PIDS=()
-alive() {
-    local stat
-    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
-    stat=${stat##*) }
-    [ "${stat%% *}" != Z ]
-}
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 50); do alive "$pid" || break; sleep 0.1; done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
 stop_all() {
     local pid
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
@@ -127,24 +115,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for port in "$UP_PORT" "$PX_PORT"; do port_busy "$port" && die "port $port is in use; set PORT_BASE"; done
-
-# Starts a command in the background, logging to FILE, and waits for PORT.
-start() {
-    local port=$1 file=$2 pid i
-    shift 2
-    "$@" >"$file" 2>&1 &
-    pid=$!
-    PIDS+=("$pid")
-    for i in $(seq 100); do
-        port_busy "$port" && return 0
-        alive "$pid" || break
-        sleep 0.1
-    done
-    tail -n 20 "$file" >&2 || true
-    die "could not start $*"
-}
 
 RESULTS=$WORK/results.txt
 : >"$RESULTS"

@@ -29,8 +29,9 @@ NGINX_WORKERS=${NGINX_WORKERS:-$(nproc)}
 UP_PORT=$((PORT_BASE + 1))
 PROXY_PORT=$((PORT_BASE + 2))
 
-log() { printf '[durable_rss.sh] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=durable_rss.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 for tool in wrk curl; do command -v "$tool" >/dev/null || die "$tool not found"; done
 
 if [ -z "${SKIP_BUILD:-}" ]; then
@@ -52,18 +53,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-    local i
-    for i in $(seq 100); do
-        curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0
-        sleep 0.1
-    done
-    die "nothing listens on port $1"
-}
-
-"$UP_BIN" "127.0.0.1:$UP_PORT" >"$WORK/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "$UP_PORT"
+start "$UP_PORT" "$WORK/upstream.log" "$UP_BIN" "127.0.0.1:$UP_PORT"
 
 mkdir -p "$WORK/nginx/tmp"
 cat >"$WORK/nginx/nginx.conf" <<EOF
@@ -96,22 +86,24 @@ for target in $TARGETS; do
     case $target in
     nginx)
         command -v nginx >/dev/null || die "nginx not found"
+        proxy_log=$WORK/nginx.log
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" \
-            -g 'daemon off;' >"$WORK/nginx.log" 2>&1 &
+            -g 'daemon off;' >"$proxy_log" 2>&1 &
         ;;
     redb | fjall)
         case $target in
         redb) store=redb:$WORK/idem.redb ;;
         fjall) store=fjall:$WORK/idem.fjall$FJALL_QUERY ;;
         esac
+        proxy_log=$WORK/idem-$target.log
         "$IDEM_BIN" serve --listen "127.0.0.1:$PROXY_PORT" --upstream "http://127.0.0.1:$UP_PORT" \
-            --admin-listen off --store "$store" >"$WORK/idem-$target.log" 2>&1 &
+            --admin-listen off --store "$store" >"$proxy_log" 2>&1 &
         ;;
     *) die "TARGETS: unknown target '$target' (nginx, redb, fjall)" ;;
     esac
     pid=$!
     PIDS+=("$pid")
-    wait_port "$PROXY_PORT"
+    wait_port "$PROXY_PORT" "$pid" "$proxy_log"
     # RSS of the proxy and its children (nginx workers), in MiB, every 10 s.
     (
         while sleep 10; do

@@ -82,8 +82,9 @@ REQ_PATH=/payments
 CLK_TCK=$(getconf CLK_TCK)
 NONCE=$(date +%s)-$$
 
-log() { printf '[http.sh] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=http.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 has_store() { case " $STORES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # The peers run by default wherever their store does (idempotent-proxy-server: Redis).
@@ -235,42 +236,10 @@ if has_store postgres; then
     PG_SCHEMA_MADE=1
 fi
 
-# Whether PID is still running (a zombie counts as ended).
-alive() {
-    local stat
-    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
-    stat=${stat##*) }
-    [ "${stat%% *}" != Z ]
-}
-
-# Stops one process this script started: TERM, then KILL after 5 s.
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 50); do alive "$pid" || break; sleep 0.1; done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
-
 forget_pid() {
     local keep=() pid
     for pid in "${PIDS[@]}"; do [ "$pid" = "$1" ] || keep+=("$pid"); done
     PIDS=("${keep[@]}")
-}
-
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# Waits until PORT accepts connections; fails (showing LOG) if PID ends or 10 s pass.
-wait_port() {
-    local port=$1 pid=$2 log=$3 i
-    for i in $(seq 100); do
-        port_busy "$port" && return 0
-        alive "$pid" || break
-        sleep 0.1
-    done
-    log "nothing listens on port $port; the end of $log:"
-    tail -n 20 "$log" >&2 || true
-    die "could not start the process on port $port"
 }
 
 # utime + stime of processes, in clock ticks.
@@ -392,10 +361,8 @@ for port in "$UP_PORT" "$NGINX_PORT" "$IDEM_PORT"; do
 done
 
 # --- the upstream ----------------------------------------------------------------------
-"$UP_BIN" "127.0.0.1:$UP_PORT" >"$WORK/upstream.log" 2>&1 &
-UP_PID=$!
-PIDS+=("$UP_PID")
-wait_port "$UP_PORT" "$UP_PID" "$WORK/upstream.log"
+start "$UP_PORT" "$WORK/upstream.log" "$UP_BIN" "127.0.0.1:$UP_PORT"
+UP_PID=$STARTED
 
 # --- nginx config ----------------------------------------------------------------------
 mkdir -p "$WORK/nginx/tmp"
@@ -458,11 +425,9 @@ start_proxy() {
         esac
         # No metrics listener: its default port (9090) may be another gateway's on this
         # machine, and any fixed one can be an outgoing connection's ephemeral port.
-        "$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "$UPSTREAM" \
-            --admin-listen off --store "$store" >"$WORK/idem-$target-$workload.log" 2>&1 &
-        pid=$!
-        PIDS+=("$pid")
-        wait_port "$IDEM_PORT" "$pid" "$WORK/idem-$target-$workload.log"
+        start "$IDEM_PORT" "$WORK/idem-$target-$workload.log" "$IDEM_BIN" serve \
+            --listen "127.0.0.1:$IDEM_PORT" --upstream "$UPSTREAM" --admin-listen off --store "$store"
+        pid=$STARTED
         PROXY_PIDS=("$pid")
         ;;
     ipx)

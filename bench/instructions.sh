@@ -48,8 +48,12 @@ REQ_PATH=/payments
 NONCE=$(date +%s)-$$
 LOAD="python3 $ROOT/bench/fixed_requests.py"
 
-log() { printf '[instructions.sh] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=instructions.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+# valgrind is slow: TERM may take 20 s to end the gateway, start-up 120 s.
+STOP_TENTHS=200
+PORT_TENTHS=1200
 
 for store in $STORES; do
     case $store in
@@ -74,20 +78,6 @@ mkdir -p "$TARGET_DIR/bench-instructions"
 WORK=$(mktemp -d "$TARGET_DIR/bench-instructions/run.XXXXXX")
 
 PIDS=()
-alive() {
-    local stat
-    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
-    stat=${stat##*) }
-    [ "${stat%% *}" != Z ]
-}
-# Stops one process this script started: TERM, then KILL after 20 s (valgrind is slow).
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 200); do alive "$pid" || break; sleep 0.1; done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
@@ -96,28 +86,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# Waits until PORT accepts connections; fails (showing LOG) if PID ends or 120 s pass.
-wait_port() {
-    local port=$1 pid=$2 log=$3 i
-    for i in $(seq 1200); do
-        port_busy "$port" && return 0
-        alive "$pid" || break
-        sleep 0.1
-    done
-    log "nothing listens on port $port; the end of $log:"
-    tail -n 20 "$log" >&2 || true
-    die "could not start the process on port $port"
-}
 for port in "$UP_PORT" "$IDEM_PORT"; do
     port_busy "$port" && die "port $port is in use; set PORT_BASE"
 done
 
 upstream_posts() { curl -sf "$UPSTREAM/__stats" | sed 's/[^0-9]//g'; }
 
-"$UP_BIN" "127.0.0.1:$UP_PORT" 1 >"$WORK/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "$UP_PORT" "$!" "$WORK/upstream.log"
+start "$UP_PORT" "$WORK/upstream.log" "$UP_BIN" "127.0.0.1:$UP_PORT" 1
 
 # Dumps callgrind's counters (which zeroes them) and prints the instructions since the
 # last dump. Dump N of process PID is the file callgrind.out.PID.N. (Called in a
@@ -141,12 +116,11 @@ for store in $STORES; do
     log "$store: starting idem serve under callgrind"
     # The admin listener on a port of the OS's choosing: its default (9090) may be taken.
     # shellcheck disable=SC2086
-    valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out.%p" \
+    start "$IDEM_PORT" "$WORK/idem-$store.log" \
+        valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out.%p" \
         "$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "$UPSTREAM" \
-        --store "$url" --admin-listen 127.0.0.1:0 $IDEM_ARGS >"$WORK/idem-$store.log" 2>&1 &
-    pid=$!
-    PIDS+=("$pid")
-    wait_port "$IDEM_PORT" "$pid" "$WORK/idem-$store.log"
+        --store "$url" --admin-listen 127.0.0.1:0 $IDEM_ARGS
+    pid=$STARTED
     nonce=$NONCE-$store
     $LOAD "127.0.0.1:$IDEM_PORT" "$REQ_PATH" nokey "$WARMUP_REQUESTS" "$CONNECTIONS" "$nonce"
     $LOAD "127.0.0.1:$IDEM_PORT" "$REQ_PATH" new "$WARMUP_REQUESTS" "$CONNECTIONS" "$nonce-warm"

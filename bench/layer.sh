@@ -41,8 +41,9 @@ URL=http://127.0.0.1:$PORT/payments
 STATS=http://127.0.0.1:$PORT/__stats
 BODY='{"amount":1250,"currency":"EUR","customer":"cus_42","note":"idem bench"}'
 
-log() { printf '[layer.sh] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=layer.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 for variant in $VARIANTS; do
     case $variant in
@@ -78,20 +79,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-alive() {
-    local stat
-    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
-    stat=${stat##*) }
-    [ "${stat%% *}" != Z ]
-}
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 50); do alive "$pid" || break; sleep 0.1; done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 cpu_ticks() {
     local stat fields
     read -r stat 2>/dev/null <"/proc/$1/stat" || { echo 0; return; }
@@ -125,16 +112,10 @@ run_wrk() {
 }
 
 start_app() {
-    local variant=$1 i
+    local variant=$1
     "$APP_BIN" "$variant" "127.0.0.1:$PORT" >"$WORK/app-$variant.log" 2>&1 &
     APP_PID=$!
-    for i in $(seq 100); do
-        port_busy "$PORT" && return 0
-        alive "$APP_PID" || break
-        sleep 0.1
-    done
-    tail -n 20 "$WORK/app-$variant.log" >&2 || true
-    die "$variant did not start"
+    wait_port "$PORT" "$APP_PID" "$WORK/app-$variant.log"
 }
 
 # The same POST twice with one key: how many times the handler ran, whether the second

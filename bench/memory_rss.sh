@@ -29,7 +29,10 @@ UP_PORT=$((PORT_BASE + 1))
 IDEM_PORT=$((PORT_BASE + 3))
 ADMIN_PORT=$((PORT_BASE + 4))
 
-log() { printf '[memory_rss.sh] %s\n' "$*" >&2; }
+LOG_TAG=memory_rss.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+PORT_TENTHS=300
 
 if [ -z "${SKIP_BUILD:-}" ]; then
     log "building (release)"
@@ -48,25 +51,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-    local i
-    for i in $(seq 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    log "nothing listens on port $1"
-    exit 1
-}
 kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-"$UP_BIN" "127.0.0.1:$UP_PORT" >"$WORK/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "$UP_PORT"
-"$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" --upstream "http://127.0.0.1:$UP_PORT" \
-    --store "$STORE" --admin-listen "127.0.0.1:$ADMIN_PORT" >"$WORK/idem.log" 2>&1 &
-IDEM_PID=$!
-PIDS+=("$IDEM_PID")
-wait_port "$IDEM_PORT"
+start "$UP_PORT" "$WORK/upstream.log" "$UP_BIN" "127.0.0.1:$UP_PORT"
+start "$IDEM_PORT" "$WORK/idem.log" "$IDEM_BIN" serve --listen "127.0.0.1:$IDEM_PORT" \
+    --upstream "http://127.0.0.1:$UP_PORT" --store "$STORE" --admin-listen "127.0.0.1:$ADMIN_PORT"
+IDEM_PID=$STARTED
 log "gateway $IDEM_PID on $STORE, start RSS $(kib "$IDEM_PID" VmRSS) KiB"
 
 wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$ROOT/bench/new_keys.lua" \

@@ -122,7 +122,8 @@ pub struct Overrides {
     pub scope_secret: Option<Vec<u8>>,
     /// `--scope-secret-file`: a file holding the scope secret (a final newline is dropped).
     pub scope_secret_file: Option<PathBuf>,
-    /// The `IDEM_ADMIN_TOKEN` environment variable, as read by the caller.
+    /// The `IDEM_ADMIN_TOKEN` environment variable, as read by the caller (a final newline
+    /// is dropped).
     pub admin_token: Option<Vec<u8>>,
     /// `--admin-token-file`: a file holding the admin token (a final newline is dropped).
     pub admin_token_file: Option<PathBuf>,
@@ -317,6 +318,15 @@ pub const MIN_SCOPE_SECRET: usize = 16;
 /// The environment variable the `idem` command reads the scope secret from.
 pub const SCOPE_SECRET_ENV: &str = "IDEM_SCOPE_SECRET";
 
+/// `bytes` without one final `\n` or `\r\n`: the line ending that editors and `echo` add
+/// to a secret's file. The one place a given secret loses its line ending.
+fn without_final_line_ending(bytes: &[u8]) -> &[u8] {
+    match bytes.strip_suffix(b"\n") {
+        Some(line) => line.strip_suffix(b"\r").unwrap_or(line),
+        None => bytes,
+    }
+}
+
 impl ScopeSecret {
     /// The secret's bytes.
     pub fn bytes(&self) -> &[u8] {
@@ -412,7 +422,12 @@ impl GatewayConfig {
         )?;
         let admin_token = given_secret(
             crate::keys::ADMIN_TOKEN_ENV,
-            overrides.admin_token.as_deref(),
+            // Unlike the scope secret's (which keys digests, so it is taken as it is), the
+            // admin token's variable drops a final line ending too: it is only compared.
+            overrides
+                .admin_token
+                .as_deref()
+                .map(without_final_line_ending),
             "--admin-token-file",
             overrides.admin_token_file.as_deref(),
         )?
@@ -829,12 +844,7 @@ pub(crate) fn given_secret(
             let mut bytes = std::fs::read(path).map_err(|e| {
                 ConfigError::new(file_flag, format!("cannot read {}: {e}", path.display()))
             })?;
-            if bytes.ends_with(b"\n") {
-                bytes.pop();
-                if bytes.ends_with(b"\r") {
-                    bytes.pop();
-                }
-            }
+            bytes.truncate(without_final_line_ending(&bytes).len());
             Ok(Some(GivenSecret {
                 bytes,
                 field: file_flag,
@@ -942,4 +952,89 @@ fn describe_policy(policy: &IdempotencyPolicy) -> String {
     let mut out = lines.join("\n");
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &[u8] = b"a long random admin token";
+    const SECRET: &[u8] = b"sixteen+ random bytes";
+
+    fn admin_token(overrides: Overrides) -> crate::keys::AdminToken {
+        let overrides = Overrides {
+            upstream: Some("http://127.0.0.1:3000".into()),
+            ..overrides
+        };
+        GatewayConfig::resolve(FileConfig::default(), &overrides)
+            .expect("valid configuration")
+            .admin_token
+            .expect("an admin token")
+    }
+
+    fn file_holding(dir: &tempfile::TempDir, bytes: &[u8]) -> PathBuf {
+        let path = dir.path().join(format!("secret-{}", bytes.len()));
+        std::fs::write(&path, bytes).expect("write the secret's file");
+        path
+    }
+
+    /// What `idem serve` accepts as the bearer token, given `IDEM_ADMIN_TOKEN=…` or
+    /// `--admin-token-file` whose text ends with a newline, a CRLF, or nothing.
+    #[test]
+    fn the_admin_token_drops_one_final_line_ending_from_its_variable_and_its_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        for ending in [&b""[..], b"\n", b"\r\n"] {
+            let given = [TOKEN, ending].concat();
+            let from_env = admin_token(Overrides {
+                admin_token: Some(given.clone()),
+                ..Overrides::default()
+            });
+            let from_file = admin_token(Overrides {
+                admin_token_file: Some(file_holding(&dir, &given)),
+                ..Overrides::default()
+            });
+            for token in [from_env, from_file] {
+                assert!(token.accepts(TOKEN), "given {given:?}");
+                assert!(
+                    !token.accepts(&given) || ending.is_empty(),
+                    "given {given:?}"
+                );
+            }
+        }
+        // One line ending, not every one: the rest is part of the token.
+        let given = [TOKEN, b"\n\n"].concat();
+        for token in [
+            admin_token(Overrides {
+                admin_token: Some(given.clone()),
+                ..Overrides::default()
+            }),
+            admin_token(Overrides {
+                admin_token_file: Some(file_holding(&dir, &given)),
+                ..Overrides::default()
+            }),
+        ] {
+            assert!(token.accepts(&given[..given.len() - 1]));
+            assert!(!token.accepts(TOKEN));
+        }
+    }
+
+    /// The scope secret keys digests: its variable is taken as it is, its file drops one
+    /// final line ending.
+    #[test]
+    fn the_scope_secret_drops_a_final_line_ending_from_its_file_only() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let load = |env: Option<&[u8]>, file: Option<&Path>| {
+            ScopeSecret::load(env, file)
+                .expect("valid secret")
+                .expect("a secret")
+                .bytes()
+                .to_vec()
+        };
+        let with_newline = [SECRET, b"\n"].concat();
+        assert_eq!(load(Some(&with_newline), None), with_newline);
+        for ending in [&b""[..], b"\n", b"\r\n"] {
+            let path = file_holding(&dir, &[SECRET, ending].concat());
+            assert_eq!(load(None, Some(&path)), SECRET, "ending {ending:?}");
+        }
+    }
 }

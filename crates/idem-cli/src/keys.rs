@@ -80,11 +80,10 @@ pub enum TokenError {
 }
 
 impl AdminToken {
-    /// A token from its text (a final newline is dropped).
+    /// A token from its text, every byte of it. (`idem serve` drops a final newline from
+    /// `IDEM_ADMIN_TOKEN` and from `--admin-token-file` before it gets here.)
     pub fn new(text: impl AsRef<[u8]>) -> Result<Self, TokenError> {
         let text = text.as_ref();
-        let text = text.strip_suffix(b"\n").unwrap_or(text);
-        let text = text.strip_suffix(b"\r").unwrap_or(text);
         if text.len() < MIN_TOKEN_LEN {
             return Err(TokenError::TooShort);
         }

@@ -18,8 +18,15 @@
 //!
 //! Stores that read the time from their server (Redis, Postgres) use [`TimeTravel::Real`]:
 //! the suite then sleeps, with durations scaled down so that it stays fast.
+//!
+//! Embedded stores kept on disk also run the [`durability`] suite (kills, reopens, one
+//! owner a path) and, if they sweep by themselves, the [`sweeping`] suite; their criterion
+//! benches share the [`bench`] driver.
 
+pub mod bench;
+pub mod durability;
 pub mod model;
+pub mod sweeping;
 
 pub use crate::faulty::FaultyStore;
 
