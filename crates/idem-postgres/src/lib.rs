@@ -43,8 +43,9 @@
 //!   in case a concurrent complete of the same token committed meanwhile.
 //! - **Round trips** (measured by `tests/round_trips.rs`): once a statement is prepared on
 //!   a connection (its first use there costs one more), each call is one round trip, so
-//!   `begin` + `complete` cost two, and nothing else is sent: the store's own connections
-//!   go back to its pool without the ping sqlx's pool sends on release (see
+//!   `begin` + `complete` cost two, and nothing else is sent (but a ping before using a
+//!   connection idle for [`PostgresOptions::ping_idle_after`]): the store's own
+//!   connections go back to its pool without the ping sqlx's pool sends on release (see
 //!   [Connections](#connections)). Under contention, a `begin` that waited on another
 //!   session's claim of the same key runs its statement once more (READ COMMITTED: its
 //!   snapshot predates that commit).
