@@ -518,6 +518,44 @@ impl PostgresStore {
             .await
             .map_err(|e| StoreError::backend(operation, e))
     }
+
+    /// Runs one statement of `operation` on a connection of its own and gives the
+    /// connection back (see `Lent::finish`); returns the answer's first row, if any.
+    async fn fetch_optional(
+        &self,
+        operation: &'static str,
+        statement: Statement,
+    ) -> Result<Option<PgRow>, StoreError> {
+        let mut conn = self.lend(operation).await?;
+        let row = statement.fetch_optional(&mut *conn).await;
+        conn.finish(row)
+            .map_err(|e| StoreError::backend(operation, e))
+    }
+
+    /// [`Self::fetch_optional`] for a statement answering one unnamed column.
+    async fn fetch_scalar<T>(
+        &self,
+        operation: &'static str,
+        statement: Statement,
+    ) -> Result<Option<T>, StoreError>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        let row = self.fetch_optional(operation, statement).await?;
+        row.map(|row| column(&row, 0)).transpose()
+    }
+
+    /// [`Self::fetch_optional`], returning every row.
+    async fn fetch_all(
+        &self,
+        operation: &'static str,
+        statement: Statement,
+    ) -> Result<Vec<PgRow>, StoreError> {
+        let mut conn = self.lend(operation).await?;
+        let rows = statement.fetch_all(&mut *conn).await;
+        conn.finish(rows)
+            .map_err(|e| StoreError::backend(operation, e))
+    }
 }
 
 /// A lease or retention as an interval; refused past [`transition::MAX_SPAN`], so that
@@ -564,12 +602,16 @@ fn fingerprint_of(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
         .map_err(|_| StoreError::corrupt(format!("fingerprint of {} bytes", bytes.len())))
 }
 
-fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+/// Column `index` (a name, or a position for a statement's one unnamed column) of `row`.
+fn column<'r, T>(row: &'r PgRow, index: impl sqlx::ColumnIndex<PgRow>) -> Result<T, StoreError>
 where
     T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
 {
-    row.try_get(name).map_err(StoreError::corrupt)
+    row.try_get(index).map_err(StoreError::corrupt)
 }
+
+/// One of the store's statements, with its parameters bound.
+type Statement = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 fn outcome_of(row: &PgRow) -> Result<Arc<Stored>, StoreError> {
     let bytes: Option<&[u8]> = column(row, "outcome")?;
@@ -585,18 +627,17 @@ impl PostgresStore {
         fingerprint: &Fingerprint,
         lease: PgInterval,
     ) -> Result<Option<Begin>, StoreError> {
-        let mut conn = self.lend("begin").await?;
-        let row = sqlx::query(self.sql.begin.clone())
-            .bind(id)
-            .bind(key.scope().as_str())
-            .bind(key.key().as_str())
-            .bind(fingerprint.as_bytes().as_slice())
-            .bind(lease)
-            .fetch_optional(&mut *conn)
-            .await;
-        let row = conn
-            .finish(row)
-            .map_err(|e| StoreError::backend("begin", e))?;
+        let row = self
+            .fetch_optional(
+                "begin",
+                sqlx::query(self.sql.begin.clone())
+                    .bind(id)
+                    .bind(key.scope().as_str())
+                    .bind(key.key().as_str())
+                    .bind(fingerprint.as_bytes().as_slice())
+                    .bind(lease),
+            )
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let expires_at = time_of(column(&row, "expires_us")?);
         if column(&row, "acquired")? {
@@ -655,49 +696,42 @@ impl Store for PostgresStore {
     ) -> Result<SystemTime, StoreError> {
         let retain = interval("complete", retain)?;
         let id = key.digest();
-        let mut conn = self.lend("complete").await?;
-        let expires_us = sqlx::query_scalar(self.sql.complete.clone())
-            .bind(id.as_slice())
-            .bind(token_param(token))
-            .bind(stored.encode())
-            .bind(retain)
-            .fetch_optional(&mut *conn)
-            .await;
-        let expires_us: Option<i64> = conn
-            .finish(expires_us)
-            .map_err(|e| StoreError::backend("complete", e))?;
+        let expires_us: Option<i64> = self
+            .fetch_scalar(
+                "complete",
+                sqlx::query(self.sql.complete.clone())
+                    .bind(id.as_slice())
+                    .bind(token_param(token))
+                    .bind(stored.encode())
+                    .bind(retain),
+            )
+            .await?;
         if let Some(expires_us) = expires_us {
             return Ok(time_of(expires_us));
         }
         // A concurrent complete of this token may have committed while the statement waited
         // on the row, after its snapshot was taken: look again before saying lost.
-        let mut conn = self.lend("complete").await?;
-        let expires_us = sqlx::query_scalar(self.sql.completed_by.clone())
-            .bind(id.as_slice())
-            .bind(token_param(token))
-            .fetch_optional(&mut *conn)
-            .await;
-        let expires_us: Option<i64> = conn
-            .finish(expires_us)
-            .map_err(|e| StoreError::backend("complete", e))?;
+        let expires_us: Option<i64> = self
+            .fetch_scalar(
+                "complete",
+                sqlx::query(self.sql.completed_by.clone())
+                    .bind(id.as_slice())
+                    .bind(token_param(token)),
+            )
+            .await?;
         expires_us.map(time_of).ok_or(StoreError::LeaseLost)
     }
 
     async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
-        let mut conn = self.lend("release").await?;
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(key.digest().as_slice())
-            .bind(token_param(token))
-            .execute(&mut *conn)
-            .await;
-        let done = conn
-            .finish(done)
-            .map_err(|e| StoreError::backend("release", e))?;
-        if done.rows_affected() == 0 {
-            Err(StoreError::LeaseLost)
-        } else {
-            Ok(())
-        }
+        let done = self
+            .fetch_optional(
+                "release",
+                sqlx::query(self.sql.release.clone())
+                    .bind(key.digest().as_slice())
+                    .bind(token_param(token)),
+            )
+            .await?;
+        done.map(drop).ok_or(StoreError::LeaseLost)
     }
 
     async fn renew(
@@ -707,29 +741,26 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<Lease, StoreError> {
         let lease = interval("renew", lease)?;
-        let mut conn = self.lend("renew").await?;
-        let expires_us = sqlx::query_scalar(self.sql.renew.clone())
-            .bind(key.digest().as_slice())
-            .bind(token_param(token))
-            .bind(lease)
-            .fetch_optional(&mut *conn)
-            .await;
-        let expires_us: Option<i64> = conn
-            .finish(expires_us)
-            .map_err(|e| StoreError::backend("renew", e))?;
+        let expires_us: Option<i64> = self
+            .fetch_scalar(
+                "renew",
+                sqlx::query(self.sql.renew.clone())
+                    .bind(key.digest().as_slice())
+                    .bind(token_param(token))
+                    .bind(lease),
+            )
+            .await?;
         let expires_at = expires_us.map(time_of).ok_or(StoreError::LeaseLost)?;
         Ok(Lease { token, expires_at })
     }
 
     async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
-        let mut conn = self.lend("get").await?;
-        let row = sqlx::query(self.sql.get.clone())
-            .bind(key.digest().as_slice())
-            .fetch_optional(&mut *conn)
-            .await;
-        let row = conn
-            .finish(row)
-            .map_err(|e| StoreError::backend("get", e))?;
+        let row = self
+            .fetch_optional(
+                "get",
+                sqlx::query(self.sql.get.clone()).bind(key.digest().as_slice()),
+            )
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let expires_at = time_of(column(&row, "expires_us")?);
         let state = if column(&row, "completed")? {
@@ -750,14 +781,12 @@ impl Store for PostgresStore {
     }
 
     async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
-        let mut conn = self.lend("delete").await?;
-        let live = sqlx::query_scalar(self.sql.delete.clone())
-            .bind(key.digest().as_slice())
-            .fetch_optional(&mut *conn)
-            .await;
-        let live: Option<bool> = conn
-            .finish(live)
-            .map_err(|e| StoreError::backend("delete", e))?;
+        let live: Option<bool> = self
+            .fetch_scalar(
+                "delete",
+                sqlx::query(self.sql.delete.clone()).bind(key.digest().as_slice()),
+            )
+            .await?;
         Ok(live.unwrap_or(false))
     }
 
@@ -769,15 +798,14 @@ impl Store for PostgresStore {
         const OPERATION: &str = "list in-flight records";
         let older_than = interval(OPERATION, older_than)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut conn = self.lend(OPERATION).await?;
-        let rows = sqlx::query(self.sql.in_flight.clone())
-            .bind(older_than)
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await;
-        let rows = conn
-            .finish(rows)
-            .map_err(|e| StoreError::backend(OPERATION, e))?;
+        let rows = self
+            .fetch_all(
+                OPERATION,
+                sqlx::query(self.sql.in_flight.clone())
+                    .bind(older_than)
+                    .bind(limit),
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 let key =
