@@ -102,7 +102,9 @@
 //! gives a connection back only once its call has finished, successfully or with an error
 //! the server reported for the statement; a call whose future was dropped mid-flight (a
 //! caller's timeout), or that met an I/O or protocol error or a session-ending (`FATAL`)
-//! one, closes its connection, and a new one is opened when needed. So it needs no check
+//! one, closes its connection, and a new one is opened when needed. (The abandoned backend
+//! ends once its statement has, at most `statement_timeout` later; until then the server
+//! may count more than `max_connections` sessions from the store.) So no check is needed
 //! when a connection comes back, where sqlx's pool pings each one (a round trip and a
 //! spawned task per call, which [`PostgresStore::from_pool`] stores keep paying). A
 //! connection idle for [`PostgresOptions::ping_idle_after`] is pinged before use; idle
@@ -323,11 +325,10 @@ impl PostgresOptions {
     }
 
     /// The sqlx pool behind [`PostgresStore::pool`] for stores with their own connections:
-    /// the same limits, opened lazily.
+    /// the same limits but no `min_connections`, so that it opens nothing until used.
     fn pool_options(&self) -> PgPoolOptions {
         let mut pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
-            .min_connections(self.min_connections.min(self.max_connections))
             .acquire_timeout(self.acquire_timeout)
             .test_before_acquire(false);
         if let Some(idle) = self.ping_idle_after {
@@ -486,8 +487,9 @@ impl PostgresStore {
     /// table through it). A store built with [`Self::from_pool`] returns that pool, which
     /// its calls use too. Any other store's calls use connections of their own (they skip
     /// sqlx's check on release, see the [crate docs](crate)); this pool then has the same
-    /// URL, session settings and limits, opens its connections only when you use it, and
-    /// they count apart from the store's [`PostgresOptions::max_connections`].
+    /// URL, session settings, `max_connections` and `acquire_timeout`, opens connections
+    /// only when you use it (`min_connections` does not apply to it), and they count apart
+    /// from the store's.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
