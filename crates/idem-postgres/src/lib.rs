@@ -43,11 +43,12 @@
 //!   in case a concurrent complete of the same token committed meanwhile.
 //! - **Round trips** (measured by `tests/round_trips.rs`): once a statement is prepared on
 //!   a connection (its first use there costs one more), each call is one round trip, so
-//!   `begin` + `complete` cost two. After each call sqlx also pings the connection as it
-//!   returns it to the pool, in the background: the caller does not wait for it, but the
-//!   connection is busy for that extra exchange, which matters when sizing the pool. Under
-//!   contention, a `begin` that waited on another session's claim of the same key runs
-//!   its statement once more (READ COMMITTED: its snapshot predates that commit).
+//!   `begin` + `complete` cost two, and nothing else is sent (but a ping before using a
+//!   connection idle for [`PostgresOptions::ping_idle_after`]): the store's own
+//!   connections go back to its pool without the ping sqlx's pool sends on release (see
+//!   [Connections](#connections)). Under contention, a `begin` that waited on another
+//!   session's claim of the same key runs its statement once more (READ COMMITTED: its
+//!   snapshot predates that commit).
 //! - **The server's clock.** Every lease and retention is measured with the database's
 //!   `now()`, so gateways with skewed clocks agree. Durations are sent as intervals (with
 //!   microsecond precision); one past [`idem_core::transition::MAX_SPAN`] (about 100 years) is
@@ -95,11 +96,24 @@
 //!
 //! Postgres 11 or newer is needed (tested on 15).
 //!
-//! The store opens a pool of its own ([`PostgresOptions`]) or uses yours
-//! ([`PostgresStore::from_pool`]). Its sessions run at READ COMMITTED (the statements are
-//! written for it) with an optional `statement_timeout`; both are sent as startup
-//! parameters, which PgBouncer in transaction mode does not forward: behind such a pooler,
-//! set them on the role instead.
+//! The store keeps a pool of its own connections ([`PostgresOptions`]: at most
+//! `max_connections`, each call waits at most `acquire_timeout` for one, the most recently
+//! used first) or uses a sqlx pool of yours ([`PostgresStore::from_pool`]). Its own pool
+//! gives a connection back only once its call has finished, successfully or with an error
+//! the server reported for the statement; a call whose future was dropped mid-flight (a
+//! caller's timeout), or that met an I/O or protocol error or a session-ending (`FATAL`)
+//! one, closes its connection, and a new one is opened when needed. (The abandoned backend
+//! ends once its statement has, at most `statement_timeout` later; until then the server
+//! may count more than `max_connections` sessions from the store.) So no check is needed
+//! when a connection comes back, where sqlx's pool pings each one (a round trip and a
+//! spawned task per call, which [`PostgresStore::from_pool`] stores keep paying). A
+//! connection idle for [`PostgresOptions::ping_idle_after`] is pinged before use; idle
+//! ones beyond `min_connections` are closed after 10 minutes (when the pool is next used),
+//! and every connection after 30 minutes, sqlx's defaults.
+//!
+//! The sessions run at READ COMMITTED (the statements are written for it) with an optional
+//! `statement_timeout`; both are sent as startup parameters, which PgBouncer in
+//! transaction mode does not forward: behind such a pooler, set them on the role instead.
 //!
 //! ### TLS
 //!
@@ -124,6 +138,7 @@
 //! # Ok(()) }
 //! ```
 
+mod connections;
 mod schema;
 mod statements;
 
@@ -139,6 +154,8 @@ use idem_core::{
 use sqlx::postgres::types::PgInterval;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgPool, Row};
+
+use crate::connections::{Connections, Lent, OwnPool, OwnPoolOptions};
 
 pub use sqlx;
 
@@ -262,7 +279,8 @@ impl PostgresOptions {
         self
     }
 
-    /// Connections the pool keeps open even when idle (default 0).
+    /// Connections [`PostgresStore::connect_with`] opens at once and the pool never closes
+    /// for being idle (default 0).
     pub fn min_connections(mut self, min: u32) -> Self {
         self.min_connections = min;
         self
@@ -297,10 +315,20 @@ impl PostgresOptions {
         Ok(TableName::parse(&self.table)?.script())
     }
 
+    fn own_pool_options(&self) -> OwnPoolOptions {
+        OwnPoolOptions {
+            max_connections: self.max_connections,
+            min_connections: self.min_connections,
+            acquire_timeout: self.acquire_timeout,
+            ping_idle_after: self.ping_idle_after,
+        }
+    }
+
+    /// The sqlx pool behind [`PostgresStore::pool`] for stores with their own connections:
+    /// the same limits but no `min_connections`, so that it opens nothing until used.
     fn pool_options(&self) -> PgPoolOptions {
         let mut pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
-            .min_connections(self.min_connections.min(self.max_connections))
             .acquire_timeout(self.acquire_timeout)
             .test_before_acquire(false);
         if let Some(idle) = self.ping_idle_after {
@@ -342,6 +370,9 @@ impl PostgresOptions {
 /// The Postgres store. See the [crate docs](crate). Clones share one pool.
 #[derive(Clone)]
 pub struct PostgresStore {
+    /// What the store's calls use.
+    connections: Connections,
+    /// What [`Self::pool`] hands out.
     pool: PgPool,
     table: Arc<TableName>,
     sql: Arc<Statements>,
@@ -353,7 +384,7 @@ impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore")
             .field("table", &self.table.display())
-            .field("pool", &self.pool)
+            .field("connections", &self.connections)
             .finish_non_exhaustive()
     }
 }
@@ -365,15 +396,15 @@ impl PostgresStore {
         Self::connect_with(url, &PostgresOptions::default()).await
     }
 
-    /// Connects, then runs migrations (or, with them off, checks that the table exists).
+    /// Connects (opening [`PostgresOptions::min_connections`], at least one), then runs
+    /// migrations (or, with them off, checks that the table exists).
     pub async fn connect_with(url: &str, options: &PostgresOptions) -> Result<Self, ConnectError> {
         let table = TableName::parse(&options.table)?;
-        let pool = options
-            .pool_options()
-            .connect_with(options.connect_options(url)?)
-            .await
-            .map_err(ConnectError::Connect)?;
-        Self::setup(pool, table, options.run_migrations).await
+        let own = OwnPool::new(options.connect_options(url)?, &options.own_pool_options());
+        own.open_min().await.map_err(ConnectError::Connect)?;
+        let store = Self::own(own, options, url, table)?;
+        store.setup(options.run_migrations).await?;
+        Ok(store)
     }
 
     /// Builds the store without connecting: nothing is checked or migrated, and the first
@@ -381,44 +412,84 @@ impl PostgresStore {
     /// down; calls then fail with [`StoreError::Backend`] until it is up.
     pub fn connect_lazy_with(url: &str, options: &PostgresOptions) -> Result<Self, ConnectError> {
         let table = TableName::parse(&options.table)?;
+        let own = OwnPool::new(options.connect_options(url)?, &options.own_pool_options());
+        Self::own(own, options, url, table)
+    }
+
+    /// Uses a pool you built (for socket settings sqlx has and the URL does not, or to
+    /// share connections). Only the table and migration settings of `options` apply. The
+    /// pool's sessions should run at READ COMMITTED, Postgres' default. The store's calls
+    /// then go through sqlx's pool as it is, so each costs the extra round trip sqlx's
+    /// pool spends checking a connection it takes back (see the [crate docs](crate)).
+    pub async fn from_pool(pool: PgPool, options: &PostgresOptions) -> Result<Self, ConnectError> {
+        let table = TableName::parse(&options.table)?;
+        let store = Self::assemble(Connections::Shared(pool.clone()), pool, table);
+        store.setup(options.run_migrations).await?;
+        Ok(store)
+    }
+
+    fn own(
+        own: Arc<OwnPool>,
+        options: &PostgresOptions,
+        url: &str,
+        table: TableName,
+    ) -> Result<Self, ConnectError> {
         let pool = options
             .pool_options()
             .connect_lazy_with(options.connect_options(url)?);
-        Ok(Self::assemble(pool, table))
+        Ok(Self::assemble(Connections::Own(own), pool, table))
     }
 
-    /// Uses a pool you built (for TLS or socket settings, or to share connections). Only the
-    /// table and migration settings of `options` apply. The pool's sessions should run at
-    /// READ COMMITTED, Postgres' default.
-    pub async fn from_pool(pool: PgPool, options: &PostgresOptions) -> Result<Self, ConnectError> {
-        let table = TableName::parse(&options.table)?;
-        Self::setup(pool, table, options.run_migrations).await
-    }
-
-    async fn setup(pool: PgPool, table: TableName, migrate: bool) -> Result<Self, ConnectError> {
-        if migrate {
-            schema::migrate(&pool, &table).await?;
-        } else {
-            schema::check_exists(&pool, &table).await?;
-        }
-        Ok(Self::assemble(pool, table))
-    }
-
-    fn assemble(pool: PgPool, table: TableName) -> Self {
+    fn assemble(connections: Connections, pool: PgPool, table: TableName) -> Self {
         Self {
             sql: Arc::new(Statements::new(&table)),
             swept: Arc::default(),
             table: Arc::new(table),
+            connections,
             pool,
+        }
+    }
+
+    async fn setup(&self, migrate: bool) -> Result<(), ConnectError> {
+        if migrate {
+            return self.migrate().await;
+        }
+        let mut conn = self
+            .connections
+            .acquire()
+            .await
+            .map_err(ConnectError::Connect)?;
+        let present = schema::exists(&mut conn, &self.table).await;
+        if conn.finish(present).map_err(ConnectError::Connect)? {
+            Ok(())
+        } else {
+            Err(ConnectError::MissingTable {
+                table: self.table.display(),
+            })
         }
     }
 
     /// Creates or upgrades the table now (what setup does unless migrations are off).
     pub async fn migrate(&self) -> Result<(), ConnectError> {
-        schema::migrate(&self.pool, &self.table).await
+        let failed = |source| ConnectError::Migrate {
+            table: self.table.display(),
+            source,
+        };
+        let mut conn = self.connections.acquire().await.map_err(failed)?;
+        // A failed migration drops its connection (see `Lent::finish`).
+        schema::migrate(&mut conn, &self.table)
+            .await
+            .map_err(failed)?;
+        conn.finish(Ok(())).map_err(failed)
     }
 
-    /// The pool the store uses.
+    /// A sqlx pool on the store's database, for queries of your own (the tests read the
+    /// table through it). A store built with [`Self::from_pool`] returns that pool, which
+    /// its calls use too. Any other store's calls use connections of their own (they skip
+    /// sqlx's check on release, see the [crate docs](crate)); this pool then has the same
+    /// URL, session settings, `max_connections` and `acquire_timeout`, opens connections
+    /// only when you use it (`min_connections` does not apply to it), and they count apart
+    /// from the store's.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -435,9 +506,57 @@ impl PostgresStore {
         idem_core::spawn_sweeper(self.clone(), every, batch)
     }
 
-    /// Closes the pool's connections, waiting for calls in progress.
+    /// Closes the store's connections (and [`Self::pool`]'s), waiting for calls in
+    /// progress; later calls fail with [`StoreError::Backend`].
     pub async fn close(&self) {
+        self.connections.close().await;
         self.pool.close().await;
+    }
+
+    /// A connection for one call of `operation`.
+    async fn lend(&self, operation: &'static str) -> Result<Lent, StoreError> {
+        self.connections
+            .acquire()
+            .await
+            .map_err(|e| StoreError::backend(operation, e))
+    }
+
+    /// Runs one statement of `operation` on a connection of its own and gives the
+    /// connection back (see `Lent::finish`); returns the answer's first row, if any.
+    async fn fetch_optional(
+        &self,
+        operation: &'static str,
+        statement: Statement,
+    ) -> Result<Option<PgRow>, StoreError> {
+        let mut conn = self.lend(operation).await?;
+        let row = statement.fetch_optional(&mut *conn).await;
+        conn.finish(row)
+            .map_err(|e| StoreError::backend(operation, e))
+    }
+
+    /// [`Self::fetch_optional`] for a statement answering one unnamed column.
+    async fn fetch_scalar<T>(
+        &self,
+        operation: &'static str,
+        statement: Statement,
+    ) -> Result<Option<T>, StoreError>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        let row = self.fetch_optional(operation, statement).await?;
+        row.map(|row| column(&row, 0)).transpose()
+    }
+
+    /// [`Self::fetch_optional`], returning every row.
+    async fn fetch_all(
+        &self,
+        operation: &'static str,
+        statement: Statement,
+    ) -> Result<Vec<PgRow>, StoreError> {
+        let mut conn = self.lend(operation).await?;
+        let rows = statement.fetch_all(&mut *conn).await;
+        conn.finish(rows)
+            .map_err(|e| StoreError::backend(operation, e))
     }
 }
 
@@ -485,12 +604,16 @@ fn fingerprint_of(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
         .map_err(|_| StoreError::corrupt(format!("fingerprint of {} bytes", bytes.len())))
 }
 
-fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+/// Column `index` (a name, or a position for a statement's one unnamed column) of `row`.
+fn column<'r, T>(row: &'r PgRow, index: impl sqlx::ColumnIndex<PgRow>) -> Result<T, StoreError>
 where
     T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
 {
-    row.try_get(name).map_err(StoreError::corrupt)
+    row.try_get(index).map_err(StoreError::corrupt)
 }
+
+/// One of the store's statements, with its parameters bound.
+type Statement = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 fn outcome_of(row: &PgRow) -> Result<Arc<Stored>, StoreError> {
     let bytes: Option<&[u8]> = column(row, "outcome")?;
@@ -506,15 +629,17 @@ impl PostgresStore {
         fingerprint: &Fingerprint,
         lease: PgInterval,
     ) -> Result<Option<Begin>, StoreError> {
-        let row = sqlx::query(self.sql.begin.clone())
-            .bind(id)
-            .bind(key.scope().as_str())
-            .bind(key.key().as_str())
-            .bind(fingerprint.as_bytes().as_slice())
-            .bind(lease)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::backend("begin", e))?;
+        let row = self
+            .fetch_optional(
+                "begin",
+                sqlx::query(self.sql.begin.clone())
+                    .bind(id)
+                    .bind(key.scope().as_str())
+                    .bind(key.key().as_str())
+                    .bind(fingerprint.as_bytes().as_slice())
+                    .bind(lease),
+            )
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let expires_at = time_of(column(&row, "expires_us")?);
         if column(&row, "acquired")? {
@@ -573,40 +698,42 @@ impl Store for PostgresStore {
     ) -> Result<SystemTime, StoreError> {
         let retain = interval("complete", retain)?;
         let id = key.digest();
-        let expires_us: Option<i64> = sqlx::query_scalar(self.sql.complete.clone())
-            .bind(id.as_slice())
-            .bind(token_param(token))
-            .bind(stored.encode())
-            .bind(retain)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::backend("complete", e))?;
+        let expires_us: Option<i64> = self
+            .fetch_scalar(
+                "complete",
+                sqlx::query(self.sql.complete.clone())
+                    .bind(id.as_slice())
+                    .bind(token_param(token))
+                    .bind(stored.encode())
+                    .bind(retain),
+            )
+            .await?;
         if let Some(expires_us) = expires_us {
             return Ok(time_of(expires_us));
         }
         // A concurrent complete of this token may have committed while the statement waited
         // on the row, after its snapshot was taken: look again before saying lost.
-        let expires_us: Option<i64> = sqlx::query_scalar(self.sql.completed_by.clone())
-            .bind(id.as_slice())
-            .bind(token_param(token))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::backend("complete", e))?;
+        let expires_us: Option<i64> = self
+            .fetch_scalar(
+                "complete",
+                sqlx::query(self.sql.completed_by.clone())
+                    .bind(id.as_slice())
+                    .bind(token_param(token)),
+            )
+            .await?;
         expires_us.map(time_of).ok_or(StoreError::LeaseLost)
     }
 
     async fn release(&self, key: &ScopedKey, token: Token) -> Result<(), StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(key.digest().as_slice())
-            .bind(token_param(token))
-            .execute(&self.pool)
-            .await
-            .map_err(|e| StoreError::backend("release", e))?;
-        if done.rows_affected() == 0 {
-            Err(StoreError::LeaseLost)
-        } else {
-            Ok(())
-        }
+        let done = self
+            .fetch_optional(
+                "release",
+                sqlx::query(self.sql.release.clone())
+                    .bind(key.digest().as_slice())
+                    .bind(token_param(token)),
+            )
+            .await?;
+        done.map(drop).ok_or(StoreError::LeaseLost)
     }
 
     async fn renew(
@@ -616,23 +743,26 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<Lease, StoreError> {
         let lease = interval("renew", lease)?;
-        let expires_us: Option<i64> = sqlx::query_scalar(self.sql.renew.clone())
-            .bind(key.digest().as_slice())
-            .bind(token_param(token))
-            .bind(lease)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::backend("renew", e))?;
+        let expires_us: Option<i64> = self
+            .fetch_scalar(
+                "renew",
+                sqlx::query(self.sql.renew.clone())
+                    .bind(key.digest().as_slice())
+                    .bind(token_param(token))
+                    .bind(lease),
+            )
+            .await?;
         let expires_at = expires_us.map(time_of).ok_or(StoreError::LeaseLost)?;
         Ok(Lease { token, expires_at })
     }
 
     async fn get(&self, key: &ScopedKey) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(self.sql.get.clone())
-            .bind(key.digest().as_slice())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::backend("get", e))?;
+        let row = self
+            .fetch_optional(
+                "get",
+                sqlx::query(self.sql.get.clone()).bind(key.digest().as_slice()),
+            )
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let expires_at = time_of(column(&row, "expires_us")?);
         let state = if column(&row, "completed")? {
@@ -653,11 +783,12 @@ impl Store for PostgresStore {
     }
 
     async fn delete(&self, key: &ScopedKey) -> Result<bool, StoreError> {
-        let live: Option<bool> = sqlx::query_scalar(self.sql.delete.clone())
-            .bind(key.digest().as_slice())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::backend("delete", e))?;
+        let live: Option<bool> = self
+            .fetch_scalar(
+                "delete",
+                sqlx::query(self.sql.delete.clone()).bind(key.digest().as_slice()),
+            )
+            .await?;
         Ok(live.unwrap_or(false))
     }
 
@@ -669,12 +800,14 @@ impl Store for PostgresStore {
         const OPERATION: &str = "list in-flight records";
         let older_than = interval(OPERATION, older_than)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = sqlx::query(self.sql.in_flight.clone())
-            .bind(older_than)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| StoreError::backend(OPERATION, e))?;
+        let rows = self
+            .fetch_all(
+                OPERATION,
+                sqlx::query(self.sql.in_flight.clone())
+                    .bind(older_than)
+                    .bind(limit),
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 let key =
@@ -695,25 +828,28 @@ impl Store for PostgresStore {
             return Ok(0);
         }
         let failed = |e| StoreError::backend("sweep", e);
-        let mut tx = self.pool.begin().await.map_err(failed)?;
+        let mut conn = self.lend("sweep").await?;
+        // On failure the connection is dropped, not given back (see `Lent::finish`).
+        let mut tx = Connection::begin(&mut *conn).await.map_err(failed)?;
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
                 .bind(self.table.sweep_lock())
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(failed)?;
-        if !locked {
-            // Another gateway is sweeping this table right now.
-            tx.rollback().await.map_err(failed)?;
-            return Ok(0);
-        }
-        let removed = sqlx::query(self.sql.sweep.clone())
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?
-            .rows_affected();
+        // When not locked, another gateway is sweeping this table right now.
+        let removed = if locked {
+            sqlx::query(self.sql.sweep.clone())
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?
+                .rows_affected()
+        } else {
+            0
+        };
         tx.commit().await.map_err(failed)?;
+        conn.finish(Ok(())).map_err(failed)?;
         if removed > 0 {
             tracing::debug!(table = %self.table.display(), removed, "swept expired records");
         }

@@ -1,6 +1,6 @@
 //! The table's name, its DDL, and the versioned migrations that create it.
 
-use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, SqlSafeStr, SqlStr};
 
 use crate::ConnectError;
 
@@ -218,22 +218,19 @@ pub(crate) fn sql(text: String) -> SqlStr {
 /// that gateways starting together do not race each other's DDL. Does nothing (and needs no
 /// DDL privilege) when the table is already current. Newer schema versions are accepted:
 /// versions only ever add.
-pub(crate) async fn migrate(pool: &PgPool, table: &TableName) -> Result<(), ConnectError> {
-    let failed = |source| ConnectError::Migrate {
-        table: table.display(),
-        source,
-    };
-    let mut tx = pool.begin().await.map_err(failed)?;
+///
+/// On failure the transaction's `ROLLBACK` is only queued on `conn` (sqlx's way): close the
+/// connection rather than reuse it.
+pub(crate) async fn migrate(conn: &mut PgConnection, table: &TableName) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(table.migrate_lock())
         .execute(&mut *tx)
-        .await
-        .map_err(failed)?;
+        .await?;
     let versions_exist: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(table.versions())
         .fetch_one(&mut *tx)
-        .await
-        .map_err(failed)?;
+        .await?;
     let current: i32 = if versions_exist {
         sqlx::query_scalar(sql(format!(
             "SELECT version FROM {} WHERE table_name = $1",
@@ -241,27 +238,24 @@ pub(crate) async fn migrate(pool: &PgPool, table: &TableName) -> Result<(), Conn
         )))
         .bind(&table.name)
         .fetch_optional(&mut *tx)
-        .await
-        .map_err(failed)?
+        .await?
         .unwrap_or(0)
     } else {
         0
     };
     if current >= SCHEMA_VERSION {
-        tx.commit().await.map_err(failed)?;
+        tx.commit().await?;
         return Ok(());
     }
     if let Some(schema) = &table.schema {
         let missing: bool = sqlx::query_scalar("SELECT to_regnamespace($1) IS NULL")
             .bind(schema)
             .fetch_one(&mut *tx)
-            .await
-            .map_err(failed)?;
+            .await?;
         if missing {
             sqlx::raw_sql(sql(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
                 .execute(&mut *tx)
-                .await
-                .map_err(failed)?;
+                .await?;
         }
     }
     let mut ddl = String::new();
@@ -270,11 +264,8 @@ pub(crate) async fn migrate(pool: &PgPool, table: &TableName) -> Result<(), Conn
     }
     ddl.push_str(&table.versions_ddl());
     ddl.push_str(&table.record_version(SCHEMA_VERSION));
-    sqlx::raw_sql(sql(ddl))
-        .execute(&mut *tx)
-        .await
-        .map_err(failed)?;
-    tx.commit().await.map_err(failed)?;
+    sqlx::raw_sql(sql(ddl)).execute(&mut *tx).await?;
+    tx.commit().await?;
     tracing::info!(
         table = %table.display(),
         from = current,
@@ -284,22 +275,16 @@ pub(crate) async fn migrate(pool: &PgPool, table: &TableName) -> Result<(), Conn
     Ok(())
 }
 
-/// Checks that the table and its sequence exist, for stores that skip migrations.
-pub(crate) async fn check_exists(pool: &PgPool, table: &TableName) -> Result<(), ConnectError> {
-    let present: bool =
-        sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL")
-            .bind(table.table())
-            .bind(table.sequence())
-            .fetch_one(pool)
-            .await
-            .map_err(ConnectError::Connect)?;
-    if present {
-        Ok(())
-    } else {
-        Err(ConnectError::MissingTable {
-            table: table.display(),
-        })
-    }
+/// Whether the table and its sequence exist, for stores that skip migrations.
+pub(crate) async fn exists(
+    conn: &mut PgConnection,
+    table: &TableName,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL")
+        .bind(table.table())
+        .bind(table.sequence())
+        .fetch_one(conn)
+        .await
 }
 
 #[cfg(test)]

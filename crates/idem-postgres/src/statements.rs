@@ -107,7 +107,8 @@ impl Statements {
             // no longer kept, so the released holder cannot complete it.
             release: sql(format!(
                 "UPDATE {t} SET expires_at = '-infinity', kept_until = '-infinity'\n\
-                 WHERE id = $1 AND token = $2 AND state = 'in_flight' AND expires_at > now()"
+                 WHERE id = $1 AND token = $2 AND state = 'in_flight' AND expires_at > now()\n\
+                 RETURNING true"
             )),
             // $1 id.
             get: sql(format!(
