@@ -46,7 +46,8 @@
 # no such server is at hand), PEERS ("idempotent-proxy-server" when redis is in STORES; empty: none),
 # IPX_VERSION (1.2.2), IPX_REDIS_DB (15), BENCH_TOOLS (~/.cache/idem/bench-tools), REDIS_URL (redis://127.0.0.1:6379, no path or query),
 # PG_URL (postgres://postgres@127.0.0.1:5432/test, no query), PGBENCH_CLIENTS
-# (CONNECTIONS), PGBENCH_POOL_CLIENTS (10, the gateway's pool; empty: skip that row),
+# (CONNECTIONS), PGBENCH_POOL_CLIENTS (10, the gateway's default pool; empty: skip that row),
+# PG_POOL (CONNECTIONS: the gateway's pool, the store URL's max_connections),
 # SKIP_BUILD (set: do not build), KEEP (set: keep the work directory with logs and wrk
 # output), OUT (target/bench-http/results.md; the raw figures go next to it as .tsv).
 set -euo pipefail
@@ -70,6 +71,10 @@ REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/test}
 PGBENCH_CLIENTS=${PGBENCH_CLIENTS:-$CONNECTIONS}
 PGBENCH_POOL_CLIENTS=${PGBENCH_POOL_CLIENTS-10}
+# The gateway's Postgres pool (the store URL's max_connections): as many connections as
+# pgbench has clients, so that both sides offer the database the same concurrency (the
+# gateway's default is 10: the pgbench row with 10 clients is beside it).
+PG_POOL=${PG_POOL:-$CONNECTIONS}
 IPX_VERSION=${IPX_VERSION:-1.2.2}
 IPX_REDIS_DB=${IPX_REDIS_DB:-15}
 BENCH_TOOLS=${BENCH_TOOLS:-$HOME/.cache/idem/bench-tools}
@@ -421,7 +426,7 @@ start_proxy() {
         fjall) store=fjall:$WORK/idem-$workload.fjall ;;
         redb) store=redb:$WORK/idem-$workload.redb ;;
         redis) store=${REDIS_URL%/}/?prefix=$REDIS_PREFIX ;;
-        postgres) store=$PG_URL?table=$PG_SCHEMA.records ;;
+        postgres) store=$PG_URL?table=$PG_SCHEMA.records\&max_connections=$PG_POOL ;;
         esac
         # No metrics listener: its default port (9090) may be another gateway's on this
         # machine, and any fixed one can be an outgoing connection's ephemeral port.
@@ -771,7 +776,7 @@ if has_store redis; then
         STORES_INFO="$STORES_INFO idempotent-proxy-server $IPX_VERSION on the same Redis (database $IPX_REDIS_DB; its pool: up to 10 connections; REQUEST_TIMEOUT=$IPX_TIMEOUT_MS ms, which is also how long it keeps a response; logging at its default, info);"
 fi
 if has_store postgres; then
-    STORES_INFO="$STORES_INFO Postgres $(psql "$PG_URL" -XAtqc 'SHOW server_version' | cut -d' ' -f1) at ${PG_URL%%\?*} (synchronous_commit $(psql "$PG_URL" -XAtqc 'SHOW synchronous_commit'), fsync $(psql "$PG_URL" -XAtqc 'SHOW fsync'); the gateway's pool: 10 connections), pgbench $("$PGBENCH" --version | awk '{ print $3 }');"
+    STORES_INFO="$STORES_INFO Postgres $(psql "$PG_URL" -XAtqc 'SHOW server_version' | cut -d' ' -f1) at ${PG_URL%%\?*} (synchronous_commit $(psql "$PG_URL" -XAtqc 'SHOW synchronous_commit'), fsync $(psql "$PG_URL" -XAtqc 'SHOW fsync'); the gateway's pool: $PG_POOL connections), pgbench $("$PGBENCH" --version | awk '{ print $3 }');"
 fi
 MACHINE="Machine: $(nproc) cores ($CPU_MODEL), ${MEM_GIB} GiB, Linux $(uname -r); wrk $WRK_VERSION, nginx $NGINX_VERSION ($NGINX_WORKERS workers);$STORES_INFO $(rustc -V 2>/dev/null || echo rustc unknown), release build of $GIT_REV; fjall and redb files on $WORK_FS (project disk). Load average before: $LOAD_BEFORE, after: $LOAD_AFTER, highest 1-minute load seen at the end of a measurement: $LOAD_MAX."
 

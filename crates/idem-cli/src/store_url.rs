@@ -541,7 +541,7 @@ fn parse_fjall(url: &str, rest: &str) -> Result<StoreUrl, StoreUrlError> {
 }
 
 /// The gateway's fjall tuning: the store's defaults (8 MiB of block cache, 8 MiB of
-/// memory tables, 4 shards), unless the URL says otherwise.
+/// memory tables, 2 shards), unless the URL says otherwise.
 fn gateway_fjall_options(
     cache_mib: Option<u64>,
     memtable_mib: Option<u64>,

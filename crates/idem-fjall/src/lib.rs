@@ -8,7 +8,7 @@
 //! kill or a power cut: every write reaches the journal and is `fdatasync`ed before any
 //! caller is answered, and before any reader can see it.
 //!
-//! Keys are split by digest over a few shards ([`FjallOptions::shards`], default 4), each a
+//! Keys are split by digest over a few shards ([`FjallOptions::shards`], default 2), each a
 //! fjall database of its own with one background thread that owns its writes. That thread
 //! takes every request waiting for it, decides them in order against the records (and
 //! against what earlier requests of the same group decided), writes the group as one atomic
@@ -137,7 +137,7 @@ pub struct FjallOptions {
     /// can be in memory while a full table is being written out. Both budgets are for the
     /// whole store: each shard gets its share.
     pub memtable_size: u64,
-    /// How many shards a new store is split into (default 4, at most 64): each has its own
+    /// How many shards a new store is split into (default 2, at most 64): each has its own
     /// journal and writer thread, so that many journal syncs are in flight at once (a disk
     /// answers several concurrent syncs in about the time of one). Keys are placed by
     /// digest; an existing store keeps the count it was created with.
@@ -152,7 +152,7 @@ impl Default for FjallOptions {
             sweep_batch: 512,
             cache_size: 8 << 20,
             memtable_size: 8 << 20,
-            shards: 4,
+            shards: 2,
         }
     }
 }
