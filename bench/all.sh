@@ -34,6 +34,7 @@ PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/test}
 export REDIS_URL PG_URL
 
 log() { printf '\n[all.sh] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
 skipped() { [[ " $SKIP " == *" $1 "* ]]; }
 mkdir -p "$OUT_DIR"
 
@@ -53,8 +54,11 @@ step() {
         return
     fi
     log "$name: $script ($(cut -d' ' -f1-3 /proc/loadavg) load before)"
-    OUT="$OUT_DIR/$name.md" "$@" bash "$ROOT/bench/$script" 2>&1 | tee "$OUT_DIR/$name.log"
+    # A step that fails is reported and the run goes on: the others still measure.
+    OUT="$OUT_DIR/$name.md" "$@" bash "$ROOT/bench/$script" 2>&1 | tee "$OUT_DIR/$name.log" ||
+        FAILED+=("$name")
 }
+FAILED=()
 
 RAND=$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')
 RSS_PREFIX=idem-rss-$RAND
@@ -97,3 +101,4 @@ if ! skipped disk; then
     python3 "$ROOT/bench/fdatasync.py" "$TARGET_DIR" | tee "$OUT_DIR/disk.md"
 fi
 log "done: $OUT_DIR"
+[ "${#FAILED[@]}" = 0 ] || die "these steps failed (see their .log): ${FAILED[*]}"

@@ -710,7 +710,7 @@ REPORT=$(
     function target(what, key, base, need,    r) {
         if (!(key in rps) || !(base in rps) || rps[base] <= 0) return
         r = rps[key] / rps[base]
-        printf "| %s | ≥ %.1f× | %.2f× | %s |\n", what, need, r, verdict(r >= need)
+        printf "| %s | ≥ %.2g× | %.2f× | %s |\n", what, need, r, verdict(r >= need)
     }
     {
         w = $1; t = $2; key = w SUBSEP t
@@ -763,7 +763,9 @@ REPORT=$(
         target("replays, idem redb: ÷ nginx", "replay" SUBSEP "redb", "replay" SUBSEP "nginx", 1.5)
         for (i = 1; i <= rows; i++) {
             key = order[i]; split(key, kt, SUBSEP)
-            if ((kt[2] == "memory" || kt[2] == "fjall" || kt[2] == "redb") && kt[1] != "nokey")
+            # The memory rows run with a raised cap (MEMORY_STORE): their RSS under new keys
+            # is what that cap allows; bench/memory_rss.sh measures the default one.
+            if (((kt[2] == "memory" && kt[1] == "replay") || kt[2] == "fjall" || kt[2] == "redb") && kt[1] != "nokey")
                 printf "| peak RSS, %s, %s | < 64 MiB | %s | %s |\n", label[kt[1]], name[kt[2]], mib(rss[key]), verdict(rss[key] < 65536)
         }
     }' "$RESULTS"

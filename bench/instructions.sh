@@ -21,8 +21,8 @@
 #
 # Knobs (environment): REQUESTS (2000 per path), WARMUP_REQUESTS (200: new keys and
 # pass-through requests before counting, so pools, caches and the allocator are warm),
-# CONNECTIONS (4), REPLAY_KEYS (100), STORES ("memory"; "memory redb" adds the durable
-# store, its file under the target directory), PORT_BASE (39180: uses +1 and +3), SKIP_BUILD
+# CONNECTIONS (4), REPLAY_KEYS (100), STORES ("memory"; "memory fjall redb" adds the durable
+# stores, their files under the target directory), PORT_BASE (39180: uses +1 and +3), SKIP_BUILD
 # (set: do not build), KEEP (set: keep the work directory with logs and callgrind dumps, for
 # `callgrind_annotate`), OUT (target/bench-instructions/results.md), IDEM_ARGS (extra
 # arguments to `idem serve`), IDEM_BIN and UP_BIN (binaries to measure instead of the
@@ -57,8 +57,8 @@ PORT_TENTHS=1200
 
 for store in $STORES; do
     case $store in
-    memory | redb) ;;
-    *) die "STORES: unknown store '$store' (memory, redb)" ;;
+    memory | fjall | redb) ;;
+    *) die "STORES: unknown store '$store' (memory, fjall, redb)" ;;
     esac
 done
 for tool in valgrind callgrind_control python3 curl; do
@@ -111,6 +111,7 @@ printf 'store\tpath\trequests\tinstructions\tper_request\n' >"$WORK/results.tsv"
 for store in $STORES; do
     case $store in
     memory) url=memory: ;;
+    fjall) url=fjall:$WORK/idem.fjall ;;
     redb) url=redb:$WORK/idem.redb ;;
     esac
     log "$store: starting idem serve under callgrind"
