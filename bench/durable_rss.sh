@@ -34,13 +34,7 @@ LOG_TAG=durable_rss.sh
 . "$ROOT/bench/lib.sh"
 for tool in wrk curl; do command -v "$tool" >/dev/null || die "$tool not found"; done
 
-if [ -z "${SKIP_BUILD:-}" ]; then
-    log "building (release)"
-    (cd "$ROOT" && cargo build --release --quiet -p idem-cli --bin idem --example bench-upstream)
-fi
-IDEM_BIN=$TARGET_DIR/release/idem
-UP_BIN=$TARGET_DIR/release/examples/bench-upstream
-[ -x "$IDEM_BIN" ] && [ -x "$UP_BIN" ] || die "binaries missing in $TARGET_DIR/release"
+build_gateway
 
 mkdir -p "$TARGET_DIR/durable-rss"
 WORK=$(mktemp -d "$TARGET_DIR/durable-rss/run.XXXXXX")

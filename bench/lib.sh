@@ -4,7 +4,7 @@
 #   LOG_TAG=http.sh
 #   . "$ROOT/bench/lib.sh"
 #
-# Settings a script may change: STOP_TENTHS (50: how long stop_pid waits after TERM before
+# build_gateway needs ROOT and TARGET_DIR. Settings a script may change: STOP_TENTHS (50: how long stop_pid waits after TERM before
 # it kills, in tenths of a second), PORT_TENTHS (100: how long wait_port waits). `start`
 # adds what it starts to the script's array PIDS.
 
@@ -54,4 +54,17 @@ start() {
     STARTED=$!
     PIDS+=("$STARTED")
     wait_port "$port" "$STARTED" "$log"
+}
+
+# Builds the gateway and the bench upstream in release (unless SKIP_BUILD is set) and sets
+# IDEM_BIN and UP_BIN to them, unless the caller set those already (an A/B of saved
+# binaries).
+build_gateway() {
+    if [ -z "${SKIP_BUILD:-}" ]; then
+        log "building (release)"
+        (cd "$ROOT" && cargo build --release --quiet -p idem-cli --bin idem --example bench-upstream)
+    fi
+    IDEM_BIN=${IDEM_BIN:-$TARGET_DIR/release/idem}
+    UP_BIN=${UP_BIN:-$TARGET_DIR/release/examples/bench-upstream}
+    [ -x "$IDEM_BIN" ] && [ -x "$UP_BIN" ] || die "binaries missing: $IDEM_BIN $UP_BIN"
 }

@@ -23,8 +23,6 @@ CONNECTIONS=${CONNECTIONS:-64}
 EVERY=${EVERY:-5}
 STORE=${STORE:-memory:}
 PORT_BASE=${PORT_BASE:-38180}
-IDEM_BIN=${IDEM_BIN:-$TARGET_DIR/release/idem}
-UP_BIN=${UP_BIN:-$TARGET_DIR/release/examples/bench-upstream}
 UP_PORT=$((PORT_BASE + 1))
 IDEM_PORT=$((PORT_BASE + 3))
 ADMIN_PORT=$((PORT_BASE + 4))
@@ -34,12 +32,8 @@ LOG_TAG=memory_rss.sh
 . "$ROOT/bench/lib.sh"
 PORT_TENTHS=300
 
-if [ -z "${SKIP_BUILD:-}" ]; then
-    log "building (release)"
-    (cd "$ROOT" && cargo build --release --quiet -p idem-cli --bin idem --example bench-upstream)
-fi
-[ -x "$IDEM_BIN" ] && [ -x "$UP_BIN" ] || { log "binaries missing: $IDEM_BIN $UP_BIN"; exit 1; }
-command -v wrk >/dev/null || { log "wrk not found"; exit 1; }
+build_gateway
+command -v wrk >/dev/null || die "wrk not found"
 
 WORK=$(mktemp -d)
 PIDS=()

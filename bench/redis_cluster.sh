@@ -36,13 +36,7 @@ LOG_TAG=redis_cluster.sh
 . "$ROOT/bench/lib.sh"
 
 for tool in wrk redis-server redis-cli; do command -v "$tool" >/dev/null || die "$tool not found"; done
-if [ -z "${SKIP_BUILD:-}" ]; then
-    log "building (release)"
-    (cd "$ROOT" && cargo build --release --quiet -p idem-cli --bin idem --example bench-upstream)
-fi
-IDEM_BIN=$TARGET_DIR/release/idem
-UP_BIN=$TARGET_DIR/release/examples/bench-upstream
-[ -x "$IDEM_BIN" ] && [ -x "$UP_BIN" ] || die "binaries missing in $TARGET_DIR/release"
+build_gateway
 [ "$(timeout 5 redis-cli -u "redis://$REDIS_NODE" ping 2>&1)" = PONG ] || die "no Redis at $REDIS_NODE"
 
 WORK=$(mktemp -d)
