@@ -225,8 +225,23 @@ fn init_tracing(format: LogFormat) {
         .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => logs.init(),
+        LogFormat::Text if colour => logs.init(),
+        LogFormat::Text => logs.fmt_fields(plain_fields()).init(),
         // Flattened, so a log pipeline finds `outcome`, `key`, … at the top of each object.
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+}
+
+/// Fields as `name=value` without styling: the default formatter wraps every field name in
+/// an (empty, when colours are off) ANSI style, which cost a third of each request line.
+fn plain_fields() -> impl for<'writer> tracing_subscriber::fmt::FormatFields<'writer> {
+    // The message comes first (tracing records it first); every other field brings its
+    // own separator, so a field left out leaves no gap.
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| match field.name() {
+        "message" => write!(writer, "{value:?}"),
+        // What tracing-log attaches to a `log` record (fjall logs through `log`): the
+        // default formatter leaves these out too.
+        name if name.starts_with("log.") => Ok(()),
+        name => write!(writer, " {name}={value:?}"),
+    })
 }
