@@ -245,6 +245,48 @@ async fn idem_serve_logs_one_line_per_keyed_request_without_the_raw_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_warns_once_a_second_not_once_a_request() {
+    // A full store refuses every new key at once: each refusal gets its request line, but
+    // the store's warning may not flood the log (or the disk under it) one per request.
+    let upstream = Upstream::start().await;
+    let gateway = ServeProcess::start_on(&upstream, "memory:?max_records=1", &[]);
+    let http = client();
+    let first = send(
+        &http,
+        keyed(&gateway.url("/pay"), &format!("k-{}", unique()), "{}"),
+    )
+    .await;
+    assert_eq!(first.status, 201);
+    let refusals = 40;
+    for _ in 0..refusals {
+        let answer = send(
+            &http,
+            keyed(&gateway.url("/pay"), &format!("k-{}", unique()), "{}"),
+        )
+        .await;
+        assert_eq!(answer.status, 503);
+    }
+    let count = |what: &str| {
+        gateway
+            .log()
+            .lines()
+            .filter(|line| line.contains(what))
+            .count()
+    };
+    wait_until("a request line per refusal", || {
+        count("outcome=store_unavailable") >= refusals
+    })
+    .await;
+    let warnings = count("idempotency store failed");
+    // Within a second or two: one warning, maybe a second as the clock turns.
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} warnings for {refusals} refusals:\n{}",
+        gateway.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_format_json_writes_one_object_per_line() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();

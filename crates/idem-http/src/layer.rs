@@ -10,7 +10,7 @@ use crate::budget::BodyBudget;
 use crate::extract::{ExtractKey, KeyFromHeader, MakeScope, ScopeFromRequest};
 use crate::policy::{Config, IdempotencyPolicy, PolicyError, ValidPolicy};
 use crate::service::{Idempotency, Shared};
-use crate::stats::IdempotencyStats;
+use crate::stats::{IdempotencyStats, Throttle};
 
 /// A tower [`Layer`] that gives the service it wraps the idempotency semantics described in
 /// the [crate docs](crate): a retried request with the same key gets the first response
@@ -170,6 +170,7 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
                 extract_key: Arc::clone(&self.extract_key),
                 stats: Arc::clone(&self.stats),
                 budget: self.budget.clone(),
+                store_warnings: Throttle::default(),
             }),
         )
     }

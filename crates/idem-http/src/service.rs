@@ -31,7 +31,7 @@ use crate::problem::IdempotencyError;
 use crate::replay::{problem, replay};
 use crate::request::{protect_relied_on_headers, read_body};
 use crate::stats::{
-    Counter, IdempotencyStats, Outcome, RequestLabel, UpstreamTook, finish, marked,
+    Counter, IdempotencyStats, Outcome, RequestLabel, Throttle, UpstreamTook, finish, marked,
 };
 
 /// First and longest pause between polls of the store while waiting for a request in flight.
@@ -47,6 +47,9 @@ pub(crate) struct Shared<St> {
     pub(crate) extract_key: Arc<dyn ExtractKey>,
     pub(crate) stats: Arc<IdempotencyStats>,
     pub(crate) budget: BodyBudget,
+    /// The store-failure warnings: one a second at most, since a full or unreachable store
+    /// fails every request at once.
+    pub(crate) store_warnings: Throttle,
 }
 
 /// A service that makes the keyed requests of its inner service take effect exactly once.
@@ -433,7 +436,9 @@ where
             (AfterRefusal::ForwardUnprotected, Refusal::StoreFailed(source)) => {
                 shared.stats.count(Counter::StoreError);
                 shared.stats.count(Counter::FailOpen);
-                tracing::warn!(error = %source, key = %key.log_id(), "idempotency store failed; forwarding unprotected (fail_open)");
+                if let Some(held_back) = shared.store_warnings.due() {
+                    tracing::warn!(error = %source, key = %key.log_id(), held_back, "idempotency store failed; forwarding unprotected (fail_open; at most one such line a second, held_back: since the last)");
+                }
                 return marked(
                     forward_unprotected(&shared.config, job).await,
                     Outcome::FailOpen,
@@ -445,7 +450,9 @@ where
                     _ => StoreError::corrupt("the store's answer does not fit the claim"),
                 };
                 shared.stats.count(Counter::StoreError);
-                tracing::warn!(error = %source, key = %key.log_id(), "idempotency store failed; answering 503");
+                if let Some(held_back) = shared.store_warnings.due() {
+                    tracing::warn!(error = %source, key = %key.log_id(), held_back, "idempotency store failed; answering 503 (at most one such line a second, held_back: since the last)");
+                }
                 return marked(
                     problem(
                         &shared.config,

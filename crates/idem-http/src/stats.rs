@@ -237,6 +237,50 @@ fn millis(took: Duration) -> f64 {
     took.as_micros() as f64 / 1000.0
 }
 
+/// Lets a warning through at most once a second, counting the ones it holds back: for
+/// failures that every request can meet at once (a full or unreachable store), whose each
+/// request already gets its own `idem::request` line.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    started: std::time::Instant,
+    /// Milliseconds since `started` before which nothing more is let through.
+    next_ms: std::sync::atomic::AtomicU64,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+            held_back: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Throttle {
+    /// `Some(how many were held back since the last one)` when this one may be logged.
+    pub(crate) fn due(&self) -> Option<u64> {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(1000),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.held_back.swap(0, Ordering::Relaxed));
+        }
+        self.held_back.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 /// Counts one detached keyed request as running until dropped.
 pub(crate) struct Running(std::sync::Arc<IdempotencyStats>);
 
@@ -412,5 +456,18 @@ mod tests {
         assert_eq!(label.key, Some(key.log_id()));
         let derived = RequestLabel::made(&Method::POST, None, None, true);
         assert_eq!(derived.key.as_deref(), Some("derived"));
+    }
+
+    #[test]
+    fn a_throttle_lets_one_through_a_second_and_counts_the_rest() {
+        let throttle = Throttle::default();
+        assert_eq!(throttle.due(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(throttle.due(), None);
+        }
+        // A second later (moved back in time rather than waited for).
+        throttle.next_ms.store(0, Ordering::Relaxed);
+        assert_eq!(throttle.due(), Some(5));
+        assert_eq!(throttle.due(), None);
     }
 }
