@@ -66,13 +66,7 @@ for tool in valgrind callgrind_control python3 curl; do
 done
 [ "$REQUESTS" -gt 0 ] && [ "$CONNECTIONS" -gt 0 ] || die "REQUESTS and CONNECTIONS must be positive"
 
-if [ -z "${SKIP_BUILD:-}" ]; then
-    log "building (release)"
-    (cd "$ROOT" && cargo build --release --quiet -p idem-cli --bin idem --example bench-upstream)
-fi
-IDEM_BIN=${IDEM_BIN:-$TARGET_DIR/release/idem}
-UP_BIN=${UP_BIN:-$TARGET_DIR/release/examples/bench-upstream}
-[ -x "$IDEM_BIN" ] && [ -x "$UP_BIN" ] || die "binaries missing in $TARGET_DIR/release"
+build_gateway
 
 mkdir -p "$TARGET_DIR/bench-instructions"
 WORK=$(mktemp -d "$TARGET_DIR/bench-instructions/run.XXXXXX")
