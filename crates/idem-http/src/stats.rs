@@ -2,7 +2,7 @@
 //! handled request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Method, Response, StatusCode};
 use idem_core::{Scope, ScopedKey};
@@ -242,18 +242,18 @@ fn millis(took: Duration) -> f64 {
 /// request already gets its own `idem::request` line.
 #[derive(Debug)]
 pub(crate) struct Throttle {
-    started: std::time::Instant,
+    started: Instant,
     /// Milliseconds since `started` before which nothing more is let through.
-    next_ms: std::sync::atomic::AtomicU64,
-    held_back: std::sync::atomic::AtomicU64,
+    next_ms: AtomicU64,
+    held_back: AtomicU64,
 }
 
 impl Default for Throttle {
     fn default() -> Self {
         Self {
-            started: std::time::Instant::now(),
-            next_ms: std::sync::atomic::AtomicU64::new(0),
-            held_back: std::sync::atomic::AtomicU64::new(0),
+            started: Instant::now(),
+            next_ms: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
         }
     }
 }

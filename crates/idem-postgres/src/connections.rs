@@ -127,8 +127,10 @@ impl DerefMut for Lent {
     }
 }
 
-/// The store's own pool: at most `max_connections` connections (one semaphore permit
-/// each, whether lent or idle), the idle ones on a stack so the warmest is used first.
+/// The store's own pool: at most `max_connections` connections. A call holds a semaphore
+/// permit while it has a connection, and opens one only when none is idle, so lent and
+/// idle ones together never pass the permit count. The idle ones are on a stack so the
+/// warmest is used first.
 pub(crate) struct OwnPool {
     options: PgConnectOptions,
     permits: Arc<Semaphore>,
