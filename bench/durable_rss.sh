@@ -7,8 +7,9 @@
 # For each of TARGETS (default "nginx redb fjall"), started afresh: wrk -t2 -c64 for
 # DURATION (60s) with bench/new_keys.lua (a POST with a fresh key each) against the trivial
 # upstream (crates/idem-cli/examples/bench-upstream.rs); `nginx` is nginx as a plain reverse
-# proxy with keep-alive to the same upstream, the baseline. Prints req/s, the ratio to nginx
-# when it ran, the proxy's RSS every 10 s and its peak (VmHWM). Store files go under
+# proxy with keep-alive to the same upstream, the baseline (bench/lib.sh's, as bench/http.sh
+# runs it). Prints req/s, the ratio to nginx when it ran, the proxy's RSS every 10 s and
+# its peak (VmHWM). Store files go under
 # target/durable-rss/, on the project's disk. bench/http.sh is the full comparison; this is
 # the long run that shows whether a store's memory stays bounded.
 #
@@ -49,37 +50,15 @@ trap cleanup EXIT
 
 start "$UP_PORT" "$WORK/upstream.log" "$UP_BIN" "127.0.0.1:$UP_PORT"
 
-mkdir -p "$WORK/nginx/tmp"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes $NGINX_WORKERS;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/tmp/body;
-    proxy_temp_path $WORK/nginx/tmp/proxy;
-    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
-    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
-    scgi_temp_path $WORK/nginx/tmp/scgi;
-    keepalive_requests 10000000;
-    upstream bench_upstream { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 10000000; }
-    server {
-        listen 127.0.0.1:$PROXY_PORT;
-        location / {
-            proxy_pass http://bench_upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+if [[ " $TARGETS " == *" nginx "* ]]; then
+    command -v nginx >/dev/null || die "nginx not found"
+    write_nginx_conf "$WORK/nginx" "$PROXY_PORT" "$UP_PORT" "$NGINX_WORKERS"
+fi
 
 NGINX_RATE=""
 for target in $TARGETS; do
     case $target in
     nginx)
-        command -v nginx >/dev/null || die "nginx not found"
         proxy_log=$WORK/nginx.log
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" \
             -g 'daemon off;' >"$proxy_log" 2>&1 &

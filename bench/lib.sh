@@ -68,3 +68,45 @@ build_gateway() {
     UP_BIN=${UP_BIN:-$TARGET_DIR/release/examples/bench-upstream}
     [ -x "$IDEM_BIN" ] && [ -x "$UP_BIN" ] || die "binaries missing: $IDEM_BIN $UP_BIN"
 }
+
+# Writes DIR/nginx.conf: nginx as a plain reverse proxy to 127.0.0.1:UPSTREAM_PORT with
+# WORKERS workers, keep-alive to the upstream, no access log, and the X-Forwarded-*
+# headers idem adds (the baseline every gateway row is compared with); checks it with
+# nginx -t.
+write_nginx_conf() {
+    local dir=$1 listen_port=$2 upstream_port=$3 workers=$4
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes $workers;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    keepalive_requests 10000000;
+    upstream bench_upstream {
+        server 127.0.0.1:$upstream_port;
+        keepalive 256;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$listen_port;
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$host;
+        }
+    }
+}
+EOF
+    nginx -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" ||
+        die "nginx rejects the generated config ($dir/nginx.conf)"
+}
